@@ -1,0 +1,3 @@
+from mlx_fusion.cli import main
+
+main()

@@ -1,0 +1,255 @@
+"""``mlx-fusion``: run a worker, submit and inspect jobs, or run the whole path once (``demo``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import subprocess
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Annotated, Any
+
+import structlog
+import typer
+
+from mlx_fusion.config import Settings
+from mlx_fusion.errors import FusionError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+DEMO_QUESTION = "What is the capital of France? Answer in one sentence."
+DEMO_MODEL = "smollm2-135m"
+
+
+def configure_logging(json_logs: bool) -> None:
+    """structlog to stderr: JSON lines for machines, key=value for people."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
+def _print(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def _fail(error: FusionError) -> None:
+    typer.echo(f"error [{error.code}]: {error.message}", err=True)
+    raise typer.Exit(2)
+
+
+def _client(settings: Settings) -> Any:
+    from mlx_fusion.client import Client
+    from mlx_fusion.jobs import connect_store
+    from mlx_fusion.services import redis_connection
+
+    return Client(settings, redis_connection(settings), connect_store(settings))
+
+
+@app.command()
+def worker(
+    burst: Annotated[bool, typer.Option(help="Quit when the queues are empty.")] = False,
+    max_jobs: Annotated[int | None, typer.Option(help="Quit after this many jobs.")] = None,
+    json_logs: Annotated[bool, typer.Option("--json-logs", help="Log JSON lines.")] = False,
+) -> None:
+    """Run a GPU worker on the high, default and low queues (in that order)."""
+    from mlx_fusion.services import EmbeddedRedis
+    from mlx_fusion.worker import FusionWorker
+
+    configure_logging(json_logs)
+    settings = Settings()
+    with ExitStack() as stack:
+        if settings.redis_url is None:
+            embedded = EmbeddedRedis(settings)
+            settings = settings.model_copy(update={"redis_url": embedded.start()})
+            stack.callback(embedded.stop)
+        try:
+            fusion_worker = FusionWorker(settings=settings)
+        except FusionError as e:
+            _fail(e)
+        fusion_worker.work(burst=burst, max_jobs=max_jobs, logging_level="INFO")
+
+
+@app.command()
+def submit(
+    file: Annotated[Path | None, typer.Argument(help="A job document (JSON); '-' = stdin.")] = None,
+    kind: Annotated[str, typer.Option(help="chat.completion or completion")] = "chat.completion",
+    model: Annotated[str | None, typer.Option(help="Catalog id or alias.")] = None,
+    prompt: Annotated[str | None, typer.Option(help="The user message / prompt.")] = None,
+    max_tokens: Annotated[int | None, typer.Option()] = None,
+    temperature: Annotated[float | None, typer.Option()] = None,
+    priority: Annotated[str, typer.Option()] = "default",
+    wait: Annotated[float | None, typer.Option(help="Wait this many seconds for the end.")] = None,
+) -> None:
+    """Submit a job from a JSON file or from flags; prints its id (or, with --wait, the job)."""
+    if file is not None:
+        text = sys.stdin.read() if str(file) == "-" else file.read_text(encoding="utf-8")
+        try:
+            document: dict[str, Any] = json.loads(text)
+        except ValueError as e:
+            typer.echo(f"error [invalid_job]: {file} is not JSON: {e}", err=True)
+            raise typer.Exit(2) from e
+    else:
+        if model is None or prompt is None:
+            typer.echo("error: give a JSON file, or --model and --prompt", err=True)
+            raise typer.Exit(2)
+        body: dict[str, Any] = (
+            {"messages": [{"role": "user", "content": prompt}]}
+            if kind == "chat.completion"
+            else {"prompt": prompt}
+        )
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        if temperature is not None:
+            body["temperature"] = temperature
+        document = {"kind": kind, "model": model, "input": body, "priority": priority}
+    settings = Settings()
+    try:
+        client = _client(settings)
+        job_id = client.submit(document)
+        if wait is None:
+            typer.echo(job_id)
+            return
+        _print(client.wait(job_id, wait))
+    except FusionError as e:
+        _fail(e)
+    except TimeoutError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from e
+
+
+@app.command()
+def get(job_id: str) -> None:
+    """Print one job document."""
+    try:
+        record = _client(Settings()).get(job_id)
+    except FusionError as e:
+        _fail(e)
+    if record is None:
+        typer.echo(f"error: no job {job_id}", err=True)
+        raise typer.Exit(1)
+    _print(record)
+
+
+@app.command()
+def jobs(
+    status: Annotated[str | None, typer.Option()] = None,
+    model: Annotated[str | None, typer.Option()] = None,
+    since: Annotated[dt.datetime | None, typer.Option(help="Created at or after (UTC).")] = None,
+    limit: Annotated[int, typer.Option()] = 20,
+) -> None:
+    """List jobs, newest first, one line each."""
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=dt.UTC)
+    try:
+        records = _client(Settings()).list(status=status, model=model, since=since, limit=limit)
+    except FusionError as e:
+        _fail(e)
+    for r in records:
+        code = (r.get("error") or {}).get("code", "")
+        typer.echo(
+            f"{r['id']}  {r.get('status', ''):<10} {r.get('model', ''):<24} "
+            f"{r.get('created_at', '')}  {code}"
+        )
+
+
+@app.command()
+def cancel(job_id: str) -> None:
+    """Cancel a job that is still queued."""
+    try:
+        done = _client(Settings()).cancel(job_id)
+    except FusionError as e:
+        _fail(e)
+    typer.echo("cancelled" if done else "not cancelled: the job is not queued")
+    if not done:
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    timeout_s: Annotated[float, typer.Option(help="How long to wait for the answer.")] = 600,
+) -> None:
+    """The whole path once: a worker process answers a real chat job with SmolLM2-135M.
+
+    Uses the configured Redis and MongoDB, or (unset) a throwaway local redis-server and the
+    embedded single-host job store in the data directory.
+    """
+    from mlx_fusion.gguf import ensure_smollm2
+    from mlx_fusion.services import EmbeddedRedis
+
+    configure_logging(json_logs=False)
+    settings = Settings()
+    models_dir = settings.data_dir / "models"
+    model_dir = ensure_smollm2(models_dir)
+    catalog = models_dir / "demo-catalog.toml"
+    catalog.write_text(
+        f'[models.{DEMO_MODEL}]\nkind = "lm"\npath = "{model_dir}"\naliases = ["smollm2"]\n',
+        encoding="utf-8",
+    )
+    with ExitStack() as stack:
+        if settings.redis_url is None:
+            embedded = EmbeddedRedis(settings)
+            settings = settings.model_copy(update={"redis_url": embedded.start()})
+            stack.callback(embedded.stop)
+        settings = settings.model_copy(update={"catalog_path": catalog})
+        client = _client(settings)
+        job_id = client.submit(
+            {
+                "kind": "chat.completion",
+                "model": DEMO_MODEL,
+                "input": {
+                    "messages": [{"role": "user", "content": DEMO_QUESTION}],
+                    "temperature": 0,
+                    "max_tokens": 48,
+                },
+                "metadata": {"source": "mlx-fusion demo"},
+            }
+        )
+        typer.echo(f"submitted job {job_id}; starting a worker process (burst mode)", err=True)
+        env = {
+            **os.environ,
+            "FUSION_REDIS_URL": settings.redis_url or "",
+            "FUSION_CATALOG_PATH": str(catalog),
+            "FUSION_DATA_DIR": str(settings.data_dir),
+        }
+        proc = subprocess.run(
+            [sys.executable, "-m", "mlx_fusion", "worker", "--burst"], env=env, check=False
+        )
+        record = client.wait(job_id, timeout_s)
+    _print(
+        {
+            k: record.get(k)
+            for k in (
+                "id",
+                "status",
+                "result",
+                "error",
+                "metrics",
+                "worker",
+                "created_at",
+                "started_at",
+                "finished_at",
+            )
+        }
+    )
+    if record.get("status") != "completed" or proc.returncode != 0:
+        raise typer.Exit(1)
+    answer = record["result"]["choices"][0]["message"]["content"]
+    typer.echo(f"\nQ: {DEMO_QUESTION}\nA: {answer.strip()}", err=True)
+
+
+def main() -> None:
+    """Console entry point."""
+    app()

@@ -1,0 +1,108 @@
+"""The Tier-2 side in Python: submit jobs, read them back, wait, list, cancel.
+
+Producers in other languages use the raw Redis commands documented in ``docs/contract.md``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import RedisError
+from rq.job import Job as RQJob
+from rq.queue import Queue
+from rq.serializers import JSONSerializer
+
+from mlx_fusion import defaults
+from mlx_fusion.config import Settings
+from mlx_fusion.errors import FusionError
+from mlx_fusion.jobs.document import FINAL_STATUSES, JobSpec, parse_job
+from mlx_fusion.jobs.store import JobStore
+
+Record = dict[str, Any]
+
+
+class EnqueueError(FusionError):
+    """The job was stored but could not be put on its Redis queue (it is marked failed)."""
+
+    code = "enqueue_failed"
+
+
+class Client:
+    """Submit and follow jobs. ``redis`` and ``store`` are built by the caller (see
+    ``mlx_fusion.services``) so one client can be shared."""
+
+    def __init__(self, settings: Settings, redis: Redis, store: JobStore) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.store = store
+
+    def _queue(self, priority: str) -> Queue:
+        return Queue(
+            self.settings.queue_name(priority), connection=self.redis, serializer=JSONSerializer
+        )
+
+    def submit(self, job: JobSpec | Mapping[str, Any]) -> str:
+        """Validate, store as queued and enqueue; returns the job id. A job whose
+        ``idempotency_key`` was seen before is not enqueued again: its first id is returned."""
+        raw = job.to_document() if isinstance(job, JobSpec) else dict(job)
+        spec = parse_job(raw, max_input_bytes=self.settings.max_input_bytes).spec
+        job_id, created = self.store.insert(spec)
+        if not created:
+            return job_id
+        try:
+            self._queue(spec.priority.value).enqueue_call(
+                func=defaults.JOB_FUNCTION,
+                args=(spec.to_document(),),
+                job_id=spec.id,
+                timeout=self.settings.effective_timeout_s(spec.timeout_s),
+                result_ttl=self.settings.result_ttl_s,
+                description=f"{spec.kind} {spec.model} ({spec.request_id})",
+            )
+        except RedisError as e:
+            err = EnqueueError(f"could not enqueue job {spec.id}: {e}")
+            self.store.fail(spec.id, err.to_dict())
+            raise err from e
+        return job_id
+
+    def get(self, job_id: str) -> Record | None:
+        """The job's document (status, result, error, metrics), or None."""
+        return self.store.get(job_id)
+
+    def wait(self, job_id: str, timeout_s: float, *, poll_s: float = 0.2) -> Record:
+        """Poll until the job is completed, failed or cancelled; ``TimeoutError`` otherwise."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            record = self.store.get(job_id)
+            if record is not None and record.get("status") in FINAL_STATUSES:
+                return record
+            if time.monotonic() >= deadline:
+                status = record.get("status") if record else "unknown"
+                raise TimeoutError(f"job {job_id} still {status} after {timeout_s} s")
+            time.sleep(poll_s)
+
+    def list(
+        self,
+        *,
+        status: str | Iterable[str] | None = None,
+        model: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        limit: int = 100,
+    ) -> list[Record]:
+        """Jobs, newest first."""
+        return self.store.list(status=status, model=model, since=since, until=until, limit=limit)
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a job that is still queued; False if it is running or finished."""
+        if self.store.cancel(job_id) is None:
+            return False
+        try:
+            rq_job = RQJob.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
+            rq_job.cancel()
+        except Exception:
+            pass
+        return True

@@ -1,0 +1,67 @@
+"""Settings: built once at start (``Settings()``) and passed explicitly; nothing reads the
+environment at import time. Environment variables carry the ``FUSION_`` prefix; a ``.env`` file in
+the working directory is read too."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mlx_fusion import defaults
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "mlx-fusion"
+
+
+class Settings(BaseSettings):
+    """Everything a worker, a client or the CLI needs to know about its surroundings."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FUSION_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis URL; unset means a throwaway local redis-server (single host, dev).",
+    )
+    mongo_url: str | None = Field(
+        default=None,
+        description="MongoDB URL; unset means the embedded job store in data_dir (single host, "
+        "dev). 'mongomock://' gives an in-process store (tests).",
+    )
+    mongo_db: str = defaults.MONGO_DB
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    queue_prefix: str = Field(default=defaults.QUEUE_PREFIX, pattern=r"^[A-Za-z0-9_.:-]+$")
+    job_timeout_default_s: int = Field(default=defaults.JOB_TIMEOUT_DEFAULT_S, gt=0)
+    job_timeout_max_s: int = Field(default=defaults.JOB_TIMEOUT_MAX_S, gt=0)
+    max_input_bytes: int = Field(default=defaults.MAX_INPUT_BYTES, gt=0)
+    catalog_path: Path = Path("models.toml")
+    retention_days: float = Field(default=defaults.RETENTION_DAYS, gt=0)
+    heartbeat_interval_s: float = Field(default=defaults.HEARTBEAT_INTERVAL_S, gt=0)
+    result_ttl_s: int = Field(default=defaults.RESULT_TTL_S, gt=0)
+    worker_name: str | None = Field(
+        default=None, description="Worker name; unset means host.pid.random (always unique)."
+    )
+
+    @model_validator(mode="after")
+    def _timeouts_ordered(self) -> Settings:
+        if self.job_timeout_default_s > self.job_timeout_max_s:
+            raise ValueError("job_timeout_default_s must not exceed job_timeout_max_s")
+        return self
+
+    def queue_name(self, priority: str) -> str:
+        """The RQ queue a job of this priority goes to."""
+        return f"{self.queue_prefix}:{priority}"
+
+    def queue_names(self) -> list[str]:
+        """All queues, highest priority first (the order a worker drains them)."""
+        return [self.queue_name(p) for p in defaults.PRIORITIES]
+
+    def effective_timeout_s(self, requested_s: float | None) -> int:
+        """The finite timeout a job gets: its own if it asks for one, capped at the maximum."""
+        if requested_s is None or requested_s <= 0:
+            return self.job_timeout_default_s
+        return max(1, min(int(requested_s + 0.999), self.job_timeout_max_s))

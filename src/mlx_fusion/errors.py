@@ -1,0 +1,139 @@
+"""Every error mlx-fusion reports, each with a stable ``code`` that goes into the job document.
+
+::
+
+    FusionError (internal_error)
+    ├── JobValidationError (invalid_job)
+    │   ├── UnknownKind (unknown_kind)
+    │   ├── InvalidInput (invalid_input)
+    │   ├── InputTooLarge (input_too_large)
+    │   ├── FunctionNotAllowed (function_not_allowed)
+    │   └── ModelKindMismatch (model_kind_mismatch)
+    ├── ModelNotFound (model_not_found)
+    │   └── ModelPathNotAllowed (model_path_not_allowed)
+    ├── CatalogError (catalog_invalid)
+    ├── ModelLoadError (model_load_failed)
+    ├── InferenceError (inference_failed)
+    ├── JobTimeout (timeout)
+    ├── JobStoreError (store_unavailable)
+    └── WebhookDeliveryError (webhook_failed)
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class FusionError(Exception):
+    """Base of every mlx-fusion error; ``code`` is stable and part of the Tier-2 contract."""
+
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``error`` field of a failed job document."""
+        return {"code": self.code, "message": self.message}
+
+
+class JobValidationError(FusionError):
+    """The job document does not follow the contract; ``field`` names the offending field."""
+
+    code = "invalid_job"
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.field:
+            out["field"] = self.field
+        return out
+
+
+class UnknownKind(JobValidationError):
+    """The job's ``kind`` is not one this worker runs."""
+
+    code = "unknown_kind"
+
+
+class InvalidInput(JobValidationError):
+    """The job's ``input`` (the OpenAI request body) is invalid for its kind."""
+
+    code = "invalid_input"
+
+
+class InputTooLarge(JobValidationError):
+    """The serialized job document exceeds the configured size limit."""
+
+    code = "input_too_large"
+
+
+class FunctionNotAllowed(JobValidationError):
+    """The RQ job names a function other than the whitelisted entry point; it was not run."""
+
+    code = "function_not_allowed"
+
+
+class ModelKindMismatch(JobValidationError):
+    """The named model cannot run this kind of job (a chat job on an embedding model)."""
+
+    code = "model_kind_mismatch"
+
+
+class ModelNotFound(FusionError):
+    """The job names a model that is neither a catalog id nor an alias."""
+
+    code = "model_not_found"
+
+
+class ModelPathNotAllowed(ModelNotFound):
+    """The job names a filesystem path as its model; jobs may only name catalog entries."""
+
+    code = "model_path_not_allowed"
+
+
+class CatalogError(FusionError):
+    """The model catalog file is invalid; the message names file, model id and field."""
+
+    code = "catalog_invalid"
+
+
+class ModelLoadError(FusionError):
+    """A catalog model could not be loaded (missing or corrupt files)."""
+
+    code = "model_load_failed"
+
+
+class InferenceError(FusionError):
+    """The model raised while running the job."""
+
+    code = "inference_failed"
+
+
+class JobTimeout(FusionError):
+    """The job ran past its timeout and was stopped."""
+
+    code = "timeout"
+
+
+class JobStoreError(FusionError):
+    """The job store (MongoDB) could not be reached or refused a write."""
+
+    code = "store_unavailable"
+
+
+class WebhookDeliveryError(FusionError):
+    """A completion webhook could not be delivered."""
+
+    code = "webhook_failed"
+
+
+def error_dict(exc: BaseException) -> dict[str, Any]:
+    """The ``error`` field for any exception (``internal_error`` unless it is one of ours)."""
+    if isinstance(exc, FusionError):
+        return exc.to_dict()
+    return {"code": FusionError.code, "message": f"{type(exc).__name__}: {exc}"}

@@ -1,0 +1,303 @@
+"""The job store: one MongoDB document per job, ``_id`` = job id.
+
+Every status change is a single ``find_one_and_update`` filtered on the statuses it may come from,
+so a late or duplicate run never overwrites a finished job. The update documents are built by pure
+functions (``*_update``) and applied by ``JobStore``; the same code runs on MongoDB (pymongo),
+mongomock (tests) and montydb (the embedded single-host store).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pymongo import ASCENDING, DESCENDING, ReturnDocument
+from pymongo.errors import DuplicateKeyError, PyMongoError
+
+from mlx_fusion.errors import JobStoreError
+from mlx_fusion.jobs.document import JobSpec, Status
+
+Document = dict[str, Any]
+Update = tuple[Document, Document]
+"""A (filter, update) pair for ``find_one_and_update``."""
+
+
+def utcnow() -> dt.datetime:
+    """Now, timezone-aware UTC, at millisecond precision (what MongoDB keeps)."""
+    now = dt.datetime.now(dt.UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def as_utc(value: Any) -> Any:
+    """Datetimes read back from a store as aware UTC (some backends return naive UTC)."""
+    if isinstance(value, dt.datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    return value
+
+
+def elapsed_ms(start: dt.datetime, end: dt.datetime) -> float:
+    """Milliseconds from ``start`` to ``end`` (naive values are taken as UTC)."""
+    delta: dt.timedelta = as_utc(end) - as_utc(start)
+    return round(delta.total_seconds() * 1000, 3)
+
+
+def queued_document(spec: JobSpec, now: dt.datetime) -> Document:
+    """The document a producer inserts when it submits a job."""
+    doc = spec.to_document()
+    doc["_id"] = doc.pop("id")
+    doc.update(status=Status.QUEUED.value, created_at=now, updated_at=now, attempts=0)
+    return doc
+
+
+def _spec_fields(spec_doc: Mapping[str, Any] | None) -> Document:
+    fields = dict(spec_doc or {})
+    fields.pop("id", None)
+    fields.pop("_id", None)
+    return fields
+
+
+def start_update(
+    job_id: str,
+    worker: str,
+    now: dt.datetime,
+    *,
+    spec_doc: Mapping[str, Any] | None = None,
+    enqueued_at: dt.datetime | None = None,
+) -> Update:
+    """queued|processing -> processing (a re-run after a lost worker may start again)."""
+    created_at = enqueued_at or now
+    on_insert = {**_spec_fields(spec_doc), "created_at": created_at}
+    return (
+        {"_id": job_id, "status": {"$in": [Status.QUEUED.value, Status.PROCESSING.value]}},
+        {
+            "$set": {
+                "status": Status.PROCESSING.value,
+                "started_at": now,
+                "updated_at": now,
+                "worker": worker,
+            },
+            "$inc": {"attempts": 1},
+            "$setOnInsert": on_insert,
+        },
+    )
+
+
+def complete_update(
+    job_id: str, result: Any, metrics: Mapping[str, Any], now: dt.datetime, retention: dt.timedelta
+) -> Update:
+    """processing -> completed, with result and metrics, in one write."""
+    sets = {
+        "status": Status.COMPLETED.value,
+        "finished_at": now,
+        "updated_at": now,
+        "expire_at": now + retention,
+        "result": result,
+        **{f"metrics.{k}": v for k, v in metrics.items()},
+    }
+    return {"_id": job_id, "status": Status.PROCESSING.value}, {"$set": sets}
+
+
+def fail_update(
+    job_id: str,
+    error: Mapping[str, Any],
+    now: dt.datetime,
+    retention: dt.timedelta,
+    *,
+    spec_doc: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+) -> Update:
+    """queued|processing -> failed; creates the document when no producer did."""
+    sets = {
+        "status": Status.FAILED.value,
+        "finished_at": now,
+        "updated_at": now,
+        "expire_at": now + retention,
+        "error": dict(error),
+        **{f"metrics.{k}": v for k, v in (metrics or {}).items()},
+    }
+    return (
+        {"_id": job_id, "status": {"$in": [Status.QUEUED.value, Status.PROCESSING.value]}},
+        {
+            "$set": sets,
+            "$setOnInsert": {**_spec_fields(spec_doc), "created_at": now, "attempts": 0},
+        },
+    )
+
+
+def cancel_update(job_id: str, now: dt.datetime, retention: dt.timedelta) -> Update:
+    """queued -> cancelled (a job already running is not cancelled here)."""
+    sets = {
+        "status": Status.CANCELLED.value,
+        "finished_at": now,
+        "updated_at": now,
+        "expire_at": now + retention,
+    }
+    return {"_id": job_id, "status": Status.QUEUED.value}, {"$set": sets}
+
+
+def to_record(doc: Mapping[str, Any]) -> Document:
+    """A stored document as the client sees it: ``id`` instead of ``_id``, aware datetimes."""
+    out: Document = {"id": doc["_id"]}
+    for key, value in doc.items():
+        if key == "_id":
+            continue
+        out[key] = {k: as_utc(v) for k, v in value.items()} if key == "metrics" else as_utc(value)
+    return out
+
+
+class JobStore:
+    """Job documents in one collection (pymongo, mongomock or montydb)."""
+
+    def __init__(
+        self,
+        collection: Any,
+        *,
+        retention: dt.timedelta = dt.timedelta(days=7),
+        duplicate_errors: tuple[type[BaseException], ...] = (DuplicateKeyError,),
+        store_errors: tuple[type[BaseException], ...] = (PyMongoError,),
+        naive_datetimes: bool = False,
+    ) -> None:
+        self.collection = collection
+        self.retention = retention
+        self._duplicate = duplicate_errors
+        self._errors = store_errors
+        self._naive = naive_datetimes
+
+    def _query_time(self, value: dt.datetime) -> dt.datetime:
+        # montydb compares stored (naive UTC) datetimes with query values as they are
+        value = as_utc(value).astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if self._naive else value
+
+    def ensure_indexes(self) -> None:
+        """Create the indexes the queries and the retention need (idempotent)."""
+        col = self.collection
+        self._call(col.create_index, [("status", ASCENDING), ("created_at", ASCENDING)])
+        self._call(col.create_index, [("model", ASCENDING), ("created_at", DESCENDING)])
+        self._call(col.create_index, [("request_id", ASCENDING)])
+        self._call(col.create_index, [("created_at", DESCENDING)])
+        self._call(
+            col.create_index,
+            [("idempotency_key", ASCENDING)],
+            unique=True,
+            partialFilterExpression={"idempotency_key": {"$type": "string"}},
+        )
+        self._call(col.create_index, [("expire_at", ASCENDING)], expireAfterSeconds=0)
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except self._duplicate:
+            raise
+        except self._errors as e:
+            raise JobStoreError(f"job store operation failed: {e}") from e
+
+    def _transition(self, update: Update, *, upsert: bool = False) -> Document | None:
+        flt, upd = update
+        try:
+            doc = self._call(
+                self.collection.find_one_and_update,
+                flt,
+                upd,
+                upsert=upsert,
+                return_document=ReturnDocument.AFTER,
+            )
+        except self._duplicate:
+            return None  # the document exists in a status this transition may not leave
+        return to_record(doc) if doc else None
+
+    def insert(self, spec: JobSpec, now: dt.datetime | None = None) -> tuple[str, bool]:
+        """Insert a queued job; returns (id, created). A known idempotency key returns the job
+        that key already names, with ``created`` False."""
+        if spec.idempotency_key is not None:
+            existing = self._call(
+                self.collection.find_one, {"idempotency_key": spec.idempotency_key}, {"_id": 1}
+            )
+            if existing:
+                return str(existing["_id"]), False
+        try:
+            self._call(self.collection.insert_one, queued_document(spec, now or utcnow()))
+        except self._duplicate as e:
+            if spec.idempotency_key is not None:
+                existing = self._call(
+                    self.collection.find_one, {"idempotency_key": spec.idempotency_key}
+                )
+                if existing:
+                    return str(existing["_id"]), False
+            raise JobStoreError(f"job id {spec.id!r} already exists") from e
+        return spec.id, True
+
+    def get(self, job_id: str) -> Document | None:
+        """The job's document, or None."""
+        doc = self._call(self.collection.find_one, {"_id": job_id})
+        return to_record(doc) if doc else None
+
+    def list(
+        self,
+        *,
+        status: str | Iterable[str] | None = None,
+        model: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        limit: int = 100,
+    ) -> list[Document]:
+        """Jobs, newest first, filtered by status, model and creation time."""
+        query: Document = {}
+        if status is not None:
+            statuses = [status] if isinstance(status, str) else list(status)
+            query["status"] = {"$in": statuses}
+        if model is not None:
+            query["model"] = model
+        created: Document = {}
+        if since is not None:
+            created["$gte"] = self._query_time(since)
+        if until is not None:
+            created["$lt"] = self._query_time(until)
+        if created:
+            query["created_at"] = created
+        cursor = self._call(self.collection.find, query)
+        docs = self._call(lambda: list(cursor.sort("created_at", DESCENDING).limit(limit)))
+        return [to_record(d) for d in docs]
+
+    def start(
+        self,
+        job_id: str,
+        worker: str,
+        *,
+        spec_doc: Mapping[str, Any] | None = None,
+        enqueued_at: dt.datetime | None = None,
+        now: dt.datetime | None = None,
+    ) -> Document | None:
+        """Mark processing (creating the document if the producer did not); None if the job is
+        already finished or cancelled."""
+        update = start_update(
+            job_id, worker, now or utcnow(), spec_doc=spec_doc, enqueued_at=enqueued_at
+        )
+        return self._transition(update, upsert=True)
+
+    def complete(
+        self, job_id: str, result: Any, metrics: Mapping[str, Any], now: dt.datetime | None = None
+    ) -> Document | None:
+        """Mark completed with its result; None if the job was not processing."""
+        return self._transition(
+            complete_update(job_id, result, metrics, now or utcnow(), self.retention)
+        )
+
+    def fail(
+        self,
+        job_id: str,
+        error: Mapping[str, Any],
+        *,
+        spec_doc: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        now: dt.datetime | None = None,
+    ) -> Document | None:
+        """Mark failed with ``error {code, message}``; None if the job had already finished."""
+        update = fail_update(
+            job_id, error, now or utcnow(), self.retention, spec_doc=spec_doc, metrics=metrics
+        )
+        return self._transition(update, upsert=True)
+
+    def cancel(self, job_id: str, now: dt.datetime | None = None) -> Document | None:
+        """Cancel a job still queued; None if it is not queued (running or finished)."""
+        return self._transition(cancel_update(job_id, now or utcnow(), self.retention))

