@@ -134,7 +134,10 @@ def make_store(backend: str, tmp_path: Path) -> JobStore:
     else:
         url, db = ("mongomock://" if backend == "mongomock" else None), "fusion_test"
     settings = Settings(
-        mongo_url=url, mongo_db=db, data_dir=tmp_path / "store", _env_file=None  # type: ignore[call-arg]
+        mongo_url=url,
+        mongo_db=db,
+        data_dir=tmp_path / "store",
+        _env_file=None,  # type: ignore[call-arg]
     )
     return connect_store(settings)
 
@@ -153,9 +156,7 @@ def store(tmp_path: Path) -> JobStore:
 
 
 @pytest.fixture
-def make_worker(
-    settings: Settings, redis: Redis, store: JobStore
-) -> Callable[..., Any]:
+def make_worker(settings: Settings, redis: Redis, store: JobStore) -> Callable[..., Any]:
     """Build a FusionWorker on the test Redis and store; ``kinds`` replaces the kind modules."""
     from mlx_fusion.registry import Catalog, LocalRegistry
     from mlx_fusion.registry.kinds import KINDS

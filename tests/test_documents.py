@@ -108,7 +108,9 @@ def catalog(tmp_path: Path, text: str) -> Path:
 
 
 def test_catalog_resolves_ids_and_aliases_relative_to_its_file(tmp_path: Path) -> None:
-    cat = Catalog.load(catalog(tmp_path, '[models.a]\nkind = "lm"\npath = "m/a"\naliases = ["x"]\n'))
+    cat = Catalog.load(
+        catalog(tmp_path, '[models.a]\nkind = "lm"\npath = "m/a"\naliases = ["x"]\n')
+    )
     assert cat.resolve("x").id == "a"
     assert cat.resolve("a").path == (tmp_path / "m" / "a").resolve()
 
@@ -142,9 +144,7 @@ def test_unknown_model_lists_known_names(tmp_path: Path) -> None:
         ("[models.a\n", "cannot read catalog"),
     ],
 )
-def test_catalog_errors_name_file_model_and_field(
-    tmp_path: Path, text: str, expected: str
-) -> None:
+def test_catalog_errors_name_file_model_and_field(tmp_path: Path, text: str, expected: str) -> None:
     path = catalog(tmp_path, text)
     with pytest.raises(errors.CatalogError) as e:
         Catalog.load(path)

@@ -100,22 +100,28 @@ class FusionJob(Job):
         self.origin = obj.get("origin", b"").decode(errors="replace")
         return None
 
+    @property  # type: ignore[misc]
+    def func_name(self) -> Any:
+        # RQ reads it for logs before the job runs; an undecodable payload must reach _execute
+        try:
+            return super().func_name
+        except DeserializationError:
+            return "<undecodable>"
+
     def refusal(self) -> FusionError | None:
         """Why this job must not run, or None."""
         if self._malformed:
             return JobValidationError(self._malformed)
         try:
-            func_name, instance, args, kwargs = (
-                self.func_name,
-                self.instance,
-                self.args,
-                self.kwargs,
-            )
+            self._deserialize_data()  # type: ignore[no-untyped-call]
         except DeserializationError as e:
             return JobValidationError(
                 "RQ payload is not the JSON list [function, null, [document], {}]: "
                 f"{e.__cause__ or e}"
             )
+        func_name, instance = self._func_name, self._instance
+        args: Any = self._args
+        kwargs: Any = self._kwargs
         if func_name != defaults.JOB_FUNCTION:
             return FunctionNotAllowed(
                 f"RQ job names function {func_name!r}; only {defaults.JOB_FUNCTION!r} runs here"
