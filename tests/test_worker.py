@@ -4,13 +4,15 @@ queue to a final status in the store, bad jobs fail precisely, and the worker ke
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import slow_kind
-from conftest import TINY_MODEL
+import structlog
+from conftest import TINY_MODEL, write_catalog
 from redis import Redis
 from rq import Queue
 from rq.registry import FailedJobRegistry, StartedJobRegistry
@@ -301,3 +303,67 @@ def test_rq_result_is_small_and_points_to_the_store(
     rq_job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
     assert rq_job.get_status() == "finished"
     assert json.loads(json.dumps(rq_job.return_value())) == {"id": job_id, "status": "completed"}
+
+
+def test_model_with_missing_files_fails_with_model_load_failed(
+    client: Any, make_worker: Any, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    catalog = write_catalog(
+        tmp_path / "two.toml",
+        {
+            TINY_MODEL: {"kind": "lm", "path": tiny_model_dir},
+            "broken": {"kind": "lm", "path": empty},
+        },
+    )
+    job_id = client.submit({**chat_job(), "model": "broken"})
+    good = client.submit(chat_job())
+    make_worker(catalog_path=catalog).work(burst=True)
+    doc = client.get(job_id)
+    assert doc["status"] == "failed" and doc["error"]["code"] == "model_load_failed"
+    assert "broken" in doc["error"]["message"]
+    assert client.get(good)["status"] == "completed"
+
+
+def test_model_raising_fails_with_inference_failed(client: Any, make_worker: Any) -> None:
+    job_id = client.submit(chat_job())
+    make_worker(kinds={ModelKind.LM: slow_kind.Broken}).work(burst=True)
+    doc = client.get(job_id)
+    assert doc["status"] == "failed" and doc["error"]["code"] == "inference_failed"
+    assert "device lost" in doc["error"]["message"] and doc["attempts"] == 1
+
+
+def test_log_lines_of_a_job_carry_its_request_id(client: Any, make_worker: Any) -> None:
+    job_id = client.submit({**chat_job(), "request_id": "corr-7"})
+    with structlog.testing.capture_logs(
+        processors=[structlog.contextvars.merge_contextvars]
+    ) as logs:
+        make_worker().work(burst=True)
+    events = {e["event"]: e for e in logs if e.get("job_id") == job_id}
+    assert {"job_started", "job_completed"} <= events.keys()
+    assert all(e["request_id"] == "corr-7" for e in events.values())
+
+
+def test_unreachable_job_store_fails_the_rq_job_and_the_worker_goes_on(
+    settings: Any, redis: Redis, tiny_model_dir: Path
+) -> None:
+    from mlx_fusion.jobs import connect_store
+    from mlx_fusion.registry import Catalog, LocalRegistry
+    from mlx_fusion.runner import JobRunner
+    from mlx_fusion.worker import FusionWorker
+
+    with socket.socket() as s:  # a loopback port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    down = settings.model_copy(
+        update={"mongo_url": f"mongodb://127.0.0.1:{port}/?serverSelectionTimeoutMS=300"}
+    )
+    store = connect_store(down, ensure_indexes=False)
+    runner = JobRunner(down, store, LocalRegistry(Catalog.load(down.catalog_path)))
+    for i in range(2):
+        enqueue_raw_rq(redis, f"lost-{i}", [chat_job()])
+    worker = FusionWorker(settings=down, connection=redis, runner=runner)
+    worker.work(burst=True)
+    failed = FailedJobRegistry("fusion:default", connection=redis, serializer=JSONSerializer)
+    assert sorted(failed.get_job_ids()) == ["lost-0", "lost-1"]

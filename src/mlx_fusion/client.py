@@ -12,6 +12,7 @@ from typing import Any
 
 from redis import Redis
 from redis.exceptions import RedisError
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job as RQJob
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
@@ -103,6 +104,6 @@ class Client:
         try:
             rq_job = RQJob.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
             rq_job.cancel()
-        except Exception:
-            pass
+        except (NoSuchJobError, InvalidJobOperation, RedisError):
+            pass  # the store already says cancelled, so a worker that dequeues it skips it
         return True
