@@ -41,8 +41,12 @@ def configure_logging(json_logs: bool) -> None:
     )
 
 
+def _json_default(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, dt.datetime) else str(value)
+
+
 def _print(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2, default=str))
+    typer.echo(json.dumps(data, indent=2, default=_json_default))
 
 
 def _fail(error: FusionError) -> None:
@@ -58,6 +62,19 @@ def _client(settings: Settings) -> Any:
     return Client(settings, redis_connection(settings), connect_store(settings))
 
 
+def _with_redis(settings: Settings, stack: ExitStack) -> Settings:
+    """Settings with a Redis URL: the configured one, or a throwaway local redis-server that
+    lives as long as ``stack``."""
+    if settings.redis_url is not None:
+        return settings
+    from mlx_fusion.services import EmbeddedRedis
+
+    embedded = EmbeddedRedis(settings)
+    url = embedded.start()
+    stack.callback(embedded.stop)
+    return settings.model_copy(update={"redis_url": url})
+
+
 @app.command()
 def worker(
     burst: Annotated[bool, typer.Option(help="Quit when the queues are empty.")] = False,
@@ -65,16 +82,12 @@ def worker(
     json_logs: Annotated[bool, typer.Option("--json-logs", help="Log JSON lines.")] = False,
 ) -> None:
     """Run a GPU worker on the high, default and low queues (in that order)."""
-    from mlx_fusion.services import EmbeddedRedis
     from mlx_fusion.worker import FusionWorker
 
     configure_logging(json_logs)
     settings = Settings()
     with ExitStack() as stack:
-        if settings.redis_url is None:
-            embedded = EmbeddedRedis(settings)
-            settings = settings.model_copy(update={"redis_url": embedded.start()})
-            stack.callback(embedded.stop)
+        settings = _with_redis(settings, stack)
         try:
             fusion_worker = FusionWorker(settings=settings)
         except FusionError as e:
@@ -187,7 +200,6 @@ def demo(
     embedded single-host job store in the data directory.
     """
     from mlx_fusion.gguf import ensure_smollm2
-    from mlx_fusion.services import EmbeddedRedis
 
     configure_logging(json_logs=False)
     settings = Settings()
@@ -199,10 +211,7 @@ def demo(
         encoding="utf-8",
     )
     with ExitStack() as stack:
-        if settings.redis_url is None:
-            embedded = EmbeddedRedis(settings)
-            settings = settings.model_copy(update={"redis_url": embedded.start()})
-            stack.callback(embedded.stop)
+        settings = _with_redis(settings, stack)
         settings = settings.model_copy(update={"catalog_path": catalog})
         client = _client(settings)
         job_id = client.submit(
