@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import slow_kind
 import structlog
 from conftest import TINY_MODEL, write_catalog
@@ -181,6 +182,31 @@ def test_malformed_rq_hash_fails_the_job_not_the_worker(
     enqueue_raw_rq(redis, "garbled", [chat_job()])
     redis.hset("rq:job:garbled", "created_at", "yesterday-ish")
     _failed_then_next_one_runs(client, make_worker, "garbled", "invalid_job")
+
+
+def test_rq_hash_without_payload_fails_the_job_not_the_worker(
+    client: Any, make_worker: Any, redis: Redis
+) -> None:
+    redis.hset("rq:job:hollow", mapping={"origin": "fusion:default", "status": "queued"})
+    redis.rpush("rq:queue:fusion:default", "hollow")
+    doc = _failed_then_next_one_runs(client, make_worker, "hollow", "invalid_job")
+    assert "malformed" in doc["error"]["message"]
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-1", "true", "1e400"])
+def test_odd_timeouts_fail_the_job_not_the_worker(
+    client: Any, make_worker: Any, redis: Redis, literal: str
+) -> None:
+    doc = json.dumps({**chat_job(), "timeout_s": 0.5}).replace("0.5", literal)
+    enqueue_raw_rq(redis, "odd-timeout", [{}])
+    payload = f'["{JOB_FUNCTION}", null, [{doc}], {{}}]'
+    redis.hset("rq:job:odd-timeout", "data", payload)
+    good = client.submit(chat_job())
+    make_worker().work(burst=True)
+    record = client.get("odd-timeout")
+    assert record["status"] == "failed"
+    assert record["error"]["code"] == "invalid_job" and record["error"]["field"] == "timeout_s"
+    assert client.get(good)["status"] == "completed"
 
 
 def test_undecodable_payload_fails_the_job_not_the_worker(

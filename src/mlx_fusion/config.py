@@ -4,6 +4,7 @@ the working directory is read too."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from pydantic import Field, model_validator
@@ -62,6 +63,8 @@ class Settings(BaseSettings):
 
     def effective_timeout_s(self, requested_s: float | None) -> int:
         """The finite timeout a job gets: its own if it asks for one, capped at the maximum."""
-        if requested_s is None or requested_s <= 0:
+        if requested_s is None or math.isnan(requested_s) or requested_s <= 0:
             return self.job_timeout_default_s
-        return max(1, min(int(requested_s + 0.999), self.job_timeout_max_s))
+        if requested_s >= self.job_timeout_max_s:
+            return self.job_timeout_max_s
+        return max(1, math.ceil(requested_s))

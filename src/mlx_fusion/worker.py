@@ -32,7 +32,7 @@ from typing import Any
 import structlog
 from redis import Redis
 from rq.exceptions import DeserializationError, NoSuchJobError
-from rq.job import Job
+from rq.job import UNEVALUATED, Job
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
@@ -80,6 +80,9 @@ class FusionDeathPenalty(UnixSignalDeathPenalty):
         super().__init__(timeout, JobTimeoutSignal, **kwargs)  # type: ignore[no-untyped-call]
 
 
+_MALFORMED_PAYLOAD = "<malformed>"
+
+
 class FusionJob(Job):
     """An RQ job that can only ever run ``run_job(document)``."""
 
@@ -98,6 +101,8 @@ class FusionJob(Job):
             self._malformed = f"RQ job hash is malformed: {type(e).__name__}: {e}"
         obj = decode_redis_hash(raw_data)
         self.origin = obj.get("origin", b"").decode(errors="replace")
+        if self._data is UNEVALUATED:  # RQ cannot save a job without a payload
+            self.data = self.serializer.dumps((_MALFORMED_PAYLOAD, None, (), {}))
         return None
 
     @property  # type: ignore[misc]
@@ -139,11 +144,13 @@ class FusionJob(Job):
 
     def document(self) -> Any:
         """The job document (the first argument), or None if it cannot be read."""
+        if self._malformed:
+            return None
         try:
             args = self.args
-            return args[0] if isinstance(args, (list, tuple)) and args else None
         except DeserializationError:
             return None
+        return args[0] if isinstance(args, (list, tuple)) and args else None
 
     def _execute(self) -> Any:
         current = _CURRENT.get()
@@ -240,7 +247,7 @@ class FusionWorker(SimpleWorker):
     def execute_job(self, job: Job, queue: Queue) -> None:
         document = job.document() if isinstance(job, FusionJob) else None
         requested = document.get("timeout_s") if isinstance(document, dict) else None
-        if not isinstance(requested, (int, float)):
+        if not isinstance(requested, (int, float)) or isinstance(requested, bool):
             requested = job.timeout if isinstance(job.timeout, (int, float)) else None
         job.timeout = self.settings.effective_timeout_s(requested)
         self.prepare_execution(job)

@@ -94,7 +94,7 @@ class JobSpec(BaseModel):
     )
     idempotency_key: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     webhook: Webhook | None = None
-    timeout_s: Annotated[float, Field(gt=0)] | None = None
+    timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)] | None = None
 
     @field_validator("metadata")
     @classmethod
