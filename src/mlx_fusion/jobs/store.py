@@ -206,24 +206,23 @@ class JobStore:
             return None  # the document exists in a status this transition may not leave
         return to_record(doc) if doc else None
 
+    def _id_for_key(self, key: str | None) -> str | None:
+        if key is None:
+            return None
+        existing = self._call(self.collection.find_one, {"idempotency_key": key}, {"_id": 1})
+        return str(existing["_id"]) if existing else None
+
     def insert(self, spec: JobSpec, now: dt.datetime | None = None) -> tuple[str, bool]:
         """Insert a queued job; returns (id, created). A known idempotency key returns the job
         that key already names, with ``created`` False."""
-        if spec.idempotency_key is not None:
-            existing = self._call(
-                self.collection.find_one, {"idempotency_key": spec.idempotency_key}, {"_id": 1}
-            )
-            if existing:
-                return str(existing["_id"]), False
+        if (known := self._id_for_key(spec.idempotency_key)) is not None:
+            return known, False
         try:
             self._call(self.collection.insert_one, queued_document(spec, now or utcnow()))
         except self._duplicate as e:
-            if spec.idempotency_key is not None:
-                existing = self._call(
-                    self.collection.find_one, {"idempotency_key": spec.idempotency_key}
-                )
-                if existing:
-                    return str(existing["_id"]), False
+            # a concurrent submit with the same key won the unique index
+            if (known := self._id_for_key(spec.idempotency_key)) is not None:
+                return known, False
             raise JobStoreError(f"job id {spec.id!r} already exists") from e
         return spec.id, True
 
