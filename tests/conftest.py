@@ -90,7 +90,9 @@ def write_catalog(path: Path, models: Mapping[str, Mapping[str, Any]]) -> Path:
     for model_id, entry in models.items():
         lines.append(f'[models."{model_id}"]')
         for key, value in entry.items():
-            if isinstance(value, (list, tuple)):
+            if isinstance(value, bool):
+                lines.append(f"{key} = {str(value).lower()}")
+            elif isinstance(value, (list, tuple)):
                 items = ", ".join(f'"{v}"' for v in value)
                 lines.append(f"{key} = [{items}]")
             elif isinstance(value, str | Path):
@@ -158,14 +160,14 @@ def store(tmp_path: Path) -> JobStore:
 @pytest.fixture
 def make_worker(settings: Settings, redis: Redis, store: JobStore) -> Callable[..., Any]:
     """Build a FusionWorker on the test Redis and store; ``kinds`` replaces the kind modules."""
-    from mlx_fusion.registry import Catalog, LocalRegistry
+    from mlx_fusion.registry import Catalog, ModelRegistry
     from mlx_fusion.registry.kinds import KINDS
     from mlx_fusion.runner import JobRunner
     from mlx_fusion.worker import FusionWorker
 
     def build(kinds: Mapping[Any, Any] = KINDS, **overrides: Any) -> FusionWorker:
         s = settings.model_copy(update=overrides) if overrides else settings
-        registry = LocalRegistry(Catalog.load(s.catalog_path), kinds=kinds)
+        registry = ModelRegistry(Catalog.load(s.catalog_path), s, kinds=kinds)
         return FusionWorker(settings=s, connection=redis, runner=JobRunner(s, store, registry))
 
     return build

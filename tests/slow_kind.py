@@ -25,17 +25,3 @@ def run(model: str, job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
     while time.monotonic() < deadline:
         time.sleep(0.05)
     return {"object": "text_completion", "model": model, "slept_s": seconds}, {"inference_ms": 1}
-
-
-class Broken:
-    """A kind whose model raises while running (a bug or a device error in the model)."""
-
-    JOB_KINDS = JOB_KINDS
-
-    @staticmethod
-    def load(spec: ModelSpec) -> str:
-        return spec.id
-
-    @staticmethod
-    def run(model: str, job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
-        raise RuntimeError("device lost")

@@ -102,6 +102,8 @@ def test_completion_takes_exactly_one_prompt() -> None:
 
 
 def catalog(tmp_path: Path, text: str) -> Path:
+    for model_dir in ("m/a", "p", "q"):
+        (tmp_path / model_dir).mkdir(parents=True, exist_ok=True)
     path = tmp_path / "models.toml"
     path.write_text(text, encoding="utf-8")
     return path
@@ -134,7 +136,10 @@ def test_unknown_model_lists_known_names(tmp_path: Path) -> None:
     ("text", "expected"),
     [
         ('[models.a]\nkind = "sorcery"\npath = "p"\n', "model 'a': field 'kind'"),
-        ('[models.a]\nkind = "lm"\n', "model 'a': field 'path'"),
+        ('[models.a]\nkind = "lm"\n', "model 'a': Value error, give exactly one of"),
+        ('[models.a]\nkind = "lm"\npath = "nowhere"\n', "model 'a': field 'path': "),
+        ('[models.a]\nkind = "lm"\nhub = "org/never-cached-xyz"\n', "field 'hub': 'org/never"),
+        ('[models.a]\nkind = "lm"\npath = "p"\nkeep_alive_s = -5\n', "keep_alive_s must be -1"),
         ('[models.a]\nkind = "lm"\npath = "p"\ncolour = 1\n', "model 'a': field 'colour'"),
         (
             '[models.a]\nkind = "lm"\npath = "p"\naliases = ["b"]\n[models.b]\nkind = "lm"\n'

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import broken_kind
 import pytest
 import slow_kind
 import structlog
@@ -354,7 +355,7 @@ def test_model_with_missing_files_fails_with_model_load_failed(
 
 def test_model_raising_fails_with_inference_failed(client: Any, make_worker: Any) -> None:
     job_id = client.submit(chat_job())
-    make_worker(kinds={ModelKind.LM: slow_kind.Broken}).work(burst=True)
+    make_worker(kinds={ModelKind.LM: broken_kind}).work(burst=True)
     doc = client.get(job_id)
     assert doc["status"] == "failed" and doc["error"]["code"] == "inference_failed"
     assert "device lost" in doc["error"]["message"] and doc["attempts"] == 1
@@ -375,7 +376,7 @@ def test_unreachable_job_store_fails_the_rq_job_and_the_worker_goes_on(
     settings: Any, redis: Redis, tiny_model_dir: Path
 ) -> None:
     from mlx_fusion.jobs import connect_store
-    from mlx_fusion.registry import Catalog, LocalRegistry
+    from mlx_fusion.registry import Catalog, ModelRegistry
     from mlx_fusion.runner import JobRunner
     from mlx_fusion.worker import FusionWorker
 
@@ -386,7 +387,7 @@ def test_unreachable_job_store_fails_the_rq_job_and_the_worker_goes_on(
         update={"mongo_url": f"mongodb://127.0.0.1:{port}/?serverSelectionTimeoutMS=300"}
     )
     store = connect_store(down, ensure_indexes=False)
-    runner = JobRunner(down, store, LocalRegistry(Catalog.load(down.catalog_path)))
+    runner = JobRunner(down, store, ModelRegistry(Catalog.load(down.catalog_path), down))
     for i in range(2):
         enqueue_raw_rq(redis, f"lost-{i}", [chat_job()])
     worker = FusionWorker(settings=down, connection=redis, runner=runner)

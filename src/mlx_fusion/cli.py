@@ -8,9 +8,10 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import structlog
 import typer
@@ -22,6 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 DEMO_QUESTION = "What is the capital of France? Answer in one sentence."
 DEMO_MODEL = "smollm2-135m"
+control_action = Literal["load", "unload"]
 
 
 def configure_logging(json_logs: bool) -> None:
@@ -257,6 +259,112 @@ def demo(
         raise typer.Exit(1)
     answer = record["result"]["choices"][0]["message"]["content"]
     typer.echo(f"\nQ: {DEMO_QUESTION}\nA: {answer.strip()}", err=True)
+
+
+models_app = typer.Typer(help="The model catalog and what each worker has loaded.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback(invoke_without_command=True)
+def models(
+    ctx: typer.Context,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List catalog models and, per running worker, the loaded ones."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from mlx_fusion import control
+    from mlx_fusion.registry import Catalog
+    from mlx_fusion.services import redis_connection
+
+    settings = Settings()
+    try:
+        catalog = Catalog.load(settings.catalog_path)
+        redis = redis_connection(settings)
+        snapshots = {
+            name: control.read_snapshot(redis, settings.queue_prefix, name)
+            for name in control.workers(redis, settings.queue_prefix)
+        }
+    except FusionError as e:
+        _fail(e)
+    if json_out:
+        _print(
+            {
+                "catalog": [spec.model_dump(mode="json") for spec in catalog],
+                "workers": snapshots,
+            }
+        )
+        return
+    for spec in catalog:
+        where = [
+            f"{name} ({m['state']}, {m['bytes'] / 1e6:.1f} MB, in use {m['in_use']})"
+            for name, snap in snapshots.items()
+            for m in (snap or {}).get("models", [])
+            if m["id"] == spec.id
+        ]
+        flags = " pinned" if spec.pinned else ""
+        typer.echo(f"{spec.id:<28} {spec.kind.value:<18}{flags}  " + ("; ".join(where) or "-"))
+    for name, snap in snapshots.items():
+        if snap:
+            typer.echo(
+                f"worker {name}: {snap['used_bytes'] / 1e6:.1f} of "
+                f"{snap['budget_bytes'] / 1e6:.1f} MB, {len(snap['models'])} loaded"
+            )
+
+
+def _command(action: control_action, model_id: str, worker: str | None, wait: float) -> None:
+    from mlx_fusion import control
+    from mlx_fusion.services import redis_connection
+
+    settings = Settings()
+    try:
+        redis = redis_connection(settings)
+    except FusionError as e:
+        _fail(e)
+    prefix = settings.queue_prefix
+    targets = [worker] if worker else control.workers(redis, prefix)
+    if not targets:
+        typer.echo("error: no running worker", err=True)
+        raise typer.Exit(1)
+    sent = {name: control.send_command(redis, prefix, name, action, model_id) for name in targets}
+    deadline = time.monotonic() + wait
+    results: dict[str, Any] = {}
+    while wait > 0 and len(results) < len(sent) and time.monotonic() < deadline:
+        for name, command_id in sent.items():
+            snap = control.read_snapshot(redis, prefix, name) or {}
+            for done in snap.get("commands", []):
+                if done.get("id") == command_id:
+                    results[name] = done
+        time.sleep(0.2)
+    failed = False
+    for name in sent:
+        done = results.get(name)
+        status = done["status"] if done else ("sent" if wait <= 0 else "no answer")
+        detail = f": {done['error']}" if done and done.get("error") else ""
+        typer.echo(f"{name}: {action} {model_id}: {status}{detail}")
+        failed = failed or status in ("failed", "refused", "no answer")
+    if failed:
+        raise typer.Exit(1)
+
+
+@models_app.command("load")
+def models_load(
+    model_id: str,
+    worker: Annotated[str | None, typer.Option(help="One worker (default: all).")] = None,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the result.")] = 60,
+) -> None:
+    """Load a model on running workers (applied between jobs)."""
+    _command("load", model_id, worker, wait)
+
+
+@models_app.command("unload")
+def models_unload(
+    model_id: str,
+    worker: Annotated[str | None, typer.Option(help="One worker (default: all).")] = None,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the result.")] = 60,
+) -> None:
+    """Unload a model on running workers (a model in use unloads when its job ends)."""
+    _command("unload", model_id, worker, wait)
 
 
 def main() -> None:

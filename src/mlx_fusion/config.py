@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,14 +44,48 @@ class Settings(BaseSettings):
     retention_days: float = Field(default=defaults.RETENTION_DAYS, gt=0)
     heartbeat_interval_s: float = Field(default=defaults.HEARTBEAT_INTERVAL_S, gt=0)
     result_ttl_s: int = Field(default=defaults.RESULT_TTL_S, gt=0)
+    registry_mode: Literal["process", "inprocess"] = Field(
+        default="process",
+        description="process: each model in its own spawned process (production); inprocess: "
+        "models load in the worker process (debugging, tests).",
+    )
+    memory_budget_bytes: int | None = Field(
+        default=None, gt=0, description="Memory for loaded models; unset means a fraction."
+    )
+    memory_budget_fraction: float = Field(
+        default=defaults.MEMORY_BUDGET_FRACTION,
+        gt=0,
+        le=1,
+        description="Fraction of the device's recommended working set (system memory on CPU).",
+    )
+    max_loaded_models: int = Field(default=defaults.MAX_LOADED_MODELS, ge=1)
+    keep_alive_s: float = Field(
+        default=defaults.KEEP_ALIVE_S,
+        description="Idle time before a model unloads; -1 never, 0 after each job.",
+    )
+    load_timeout_s: float = Field(default=defaults.LOAD_TIMEOUT_S, gt=0)
+    load_cooldown_s: float = Field(default=defaults.LOAD_COOLDOWN_S, ge=0)
+    load_cooldown_max_s: float = Field(default=defaults.LOAD_COOLDOWN_MAX_S, ge=0)
+    capacity_wait_s: float = Field(
+        default=defaults.CAPACITY_WAIT_S,
+        ge=0,
+        description="How long a job waits for models in use to free memory before no_capacity.",
+    )
+    allow_cached_hub_models: bool = Field(
+        default=False,
+        description="Let jobs name hub repo ids that are not in the catalog but are already in "
+        "the local Hugging Face cache (nothing is ever downloaded).",
+    )
     worker_name: str | None = Field(
         default=None, description="Worker name; unset means host.pid.random (always unique)."
     )
 
     @model_validator(mode="after")
-    def _timeouts_ordered(self) -> Settings:
+    def _consistent(self) -> Settings:
         if self.job_timeout_default_s > self.job_timeout_max_s:
             raise ValueError("job_timeout_default_s must not exceed job_timeout_max_s")
+        if self.keep_alive_s < 0 and self.keep_alive_s != -1:
+            raise ValueError("keep_alive_s must be -1 (never unload) or >= 0")
         return self
 
     def queue_name(self, priority: str) -> str:

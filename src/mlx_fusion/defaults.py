@@ -37,3 +37,30 @@ HEARTBEAT_GRACE_INTERVALS = 6
 
 RESULT_TTL_S = 3600
 """How long RQ keeps its own small record of a finished job (the result lives in MongoDB)."""
+
+MEMORY_BUDGET_FRACTION = 0.75
+"""Share of the device's recommended working set that loaded models may use."""
+
+MAX_LOADED_MODELS = 4
+"""Most models loaded at once on one worker, whatever their size."""
+
+KEEP_ALIVE_S = 300.0
+"""Idle time after which a model unloads (catalog entries may override: -1 never, 0 at once)."""
+
+LOAD_TIMEOUT_S = 600.0
+"""A model load that takes longer is killed and counts as a load failure."""
+
+LOAD_COOLDOWN_S = 5.0
+"""First wait after a failed load before the model is tried again; doubles per failure."""
+
+LOAD_COOLDOWN_MAX_S = 300.0
+"""Longest wait between load attempts of a failing model."""
+
+CAPACITY_WAIT_S = 30.0
+"""How long a job waits for models in use to free memory before failing with no_capacity."""
+
+REAP_INTERVAL_S = 1.0
+"""How often idle models are checked against their keep-alive."""
+
+STOP_GRACE_S = 5.0
+"""How long a model process gets to exit when asked, before it is terminated, then killed."""

@@ -13,6 +13,10 @@
     │   └── ModelPathNotAllowed (model_path_not_allowed)
     ├── CatalogError (catalog_invalid)
     ├── ModelLoadError (model_load_failed)
+    ├── ModelTooLarge (model_too_large)
+    ├── ModelCrashed (model_crashed)
+    ├── OutOfMemory (out_of_memory)
+    ├── NoCapacity (no_capacity)
     ├── InferenceError (inference_failed)
     ├── JobTimeout (timeout)
     ├── JobStoreError (store_unavailable)
@@ -108,6 +112,30 @@ class ModelLoadError(FusionError):
     code = "model_load_failed"
 
 
+class ModelTooLarge(FusionError):
+    """The model cannot fit in the memory budget even with every other model unloaded."""
+
+    code = "model_too_large"
+
+
+class ModelCrashed(FusionError):
+    """The model's process died (a segfault, an out-of-memory abort, a kill) during the job."""
+
+    code = "model_crashed"
+
+
+class OutOfMemory(FusionError):
+    """The device ran out of memory during a load or a job, even after evicting idle models."""
+
+    code = "out_of_memory"
+
+
+class NoCapacity(FusionError):
+    """No room could be made in time: the models holding the memory are all in use."""
+
+    code = "no_capacity"
+
+
 class InferenceError(FusionError):
     """The model raised while running the job."""
 
@@ -130,6 +158,25 @@ class WebhookDeliveryError(FusionError):
     """A completion webhook could not be delivered."""
 
     code = "webhook_failed"
+
+
+def _subclasses(cls: type[FusionError]) -> list[type[FusionError]]:
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_subclasses(sub))
+    return out
+
+
+def error_from_dict(data: dict[str, Any]) -> FusionError:
+    """Rebuild an error sent across a process boundary as ``{code, message}``."""
+    by_code = {c.code: c for c in reversed(_subclasses(FusionError))}
+    cls = by_code.get(str(data.get("code")), FusionError)
+    message = str(data.get("message", ""))
+    if issubclass(cls, JobValidationError):
+        err: FusionError = cls(message)
+        err.field = data.get("field")  # type: ignore[attr-defined]
+        return err
+    return cls(message)
 
 
 def error_dict(exc: BaseException) -> dict[str, Any]:

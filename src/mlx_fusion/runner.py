@@ -16,7 +16,7 @@ from mlx_fusion.config import Settings
 from mlx_fusion.errors import FusionError, InferenceError, JobValidationError, error_dict
 from mlx_fusion.jobs.document import Job, parse_job
 from mlx_fusion.jobs.store import JobStore, elapsed_ms
-from mlx_fusion.registry import LocalRegistry
+from mlx_fusion.registry import ModelRegistry
 
 log = structlog.get_logger(__name__)
 
@@ -50,7 +50,7 @@ def with_job_id(raw: Any, job_id: str) -> Any:
 class JobRunner:
     """Runs job documents against a store and a registry."""
 
-    def __init__(self, settings: Settings, store: JobStore, registry: LocalRegistry) -> None:
+    def __init__(self, settings: Settings, store: JobStore, registry: ModelRegistry) -> None:
         self.settings = settings
         self.store = store
         self.registry = registry
@@ -94,7 +94,7 @@ class JobRunner:
         try:
             with self.registry.lease(model) as lease:
                 metrics["load_ms"] = lease.load_ms
-                result, run_metrics = lease.kind.run(lease.model, job)
+                result, run_metrics = lease.run(job)
         except Exception as e:
             err = e if isinstance(e, FusionError) else InferenceError(f"{type(e).__name__}: {e}")
             self.store.fail(job.spec.id, error_dict(err), metrics=metrics)

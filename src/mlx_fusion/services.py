@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 from mlx_fusion.config import Settings
 from mlx_fusion.errors import FusionError
 from mlx_fusion.jobs.backends import connect_store
-from mlx_fusion.registry import LocalRegistry
+from mlx_fusion.registry import ModelRegistry
 from mlx_fusion.registry.catalog import Catalog
 from mlx_fusion.runner import JobRunner
 
@@ -124,5 +124,7 @@ def redis_connection(settings: Settings) -> Redis:
 
 def build_runner(settings: Settings) -> JobRunner:
     """A job runner from settings: catalog (checked now), job store, registry."""
-    catalog = Catalog.load(settings.catalog_path)
-    return JobRunner(settings, connect_store(settings), LocalRegistry(catalog))
+    catalog = Catalog.load(
+        settings.catalog_path, allow_cached_hub_models=settings.allow_cached_hub_models
+    )
+    return JobRunner(settings, connect_store(settings), ModelRegistry(catalog, settings))

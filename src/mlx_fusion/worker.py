@@ -238,7 +238,26 @@ class FusionWorker(SimpleWorker):
     def work(self, *args: Any, **kwargs: Any) -> bool:
         if kwargs.pop("with_scheduler", False):
             log.warning("scheduler_refused", reason="a GPU worker never forks a scheduler")
-        return bool(super().work(*args, **kwargs))
+        from mlx_fusion.control import ControlLoop
+
+        registry = self.runner.registry
+        control = ControlLoop(self.connection, self.settings.queue_prefix, self.name, registry)
+        try:
+            control.start()
+            self._preload_pinned()
+            registry.start_reaper()
+            return bool(super().work(*args, **kwargs))
+        finally:
+            control.stop()
+            registry.close()
+
+    def _preload_pinned(self) -> None:
+        for spec in self.runner.registry.catalog:
+            if spec.pinned:
+                try:
+                    self.runner.registry.load(spec.id)
+                except FusionError as e:  # its jobs will report the error; the worker serves
+                    log.error("pinned_model_failed", model=spec.id, code=e.code, error=e.message)
 
     def get_heartbeat_ttl(self, job: Job) -> int:
         interval = self.settings.heartbeat_interval_s

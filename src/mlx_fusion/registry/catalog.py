@@ -6,6 +6,13 @@
     kind = "lm"
     path = "models/SmolLM2-135M-Instruct"   # relative to the catalog file
     aliases = ["smollm2"]
+    pinned = false              # load at worker start, never evict
+    keep_alive_s = 600          # idle time before unloading; -1 never, 0 after each job
+    max_concurrent_jobs = 1
+
+    [models.qwen]
+    kind = "lm"
+    hub = "mlx-community/Qwen3-0.6B-4bit"   # resolved only from the local Hugging Face cache
 
 Jobs name an id or an alias; a job never makes the worker open a path it supplies.
 """
@@ -17,9 +24,9 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mlx_fusion.errors import CatalogError, ModelNotFound, ModelPathNotAllowed
 
@@ -31,6 +38,11 @@ class ModelKind(StrEnum):
     """What a catalog model is; decides which job kinds it can run."""
 
     LM = "lm"
+    VLM = "vlm"
+    EMBEDDINGS = "embeddings"
+    WHISPER = "whisper"
+    IMAGE_GENERATION = "image-generation"
+    IMAGE_EDIT = "image-edit"
 
 
 class ModelSpec(BaseModel):
@@ -40,9 +52,40 @@ class ModelSpec(BaseModel):
 
     id: str = Field(pattern=MODEL_ID_PATTERN, max_length=256)
     kind: ModelKind
-    path: Path
+    path: Path | None = None
+    hub: str | None = Field(default=None, pattern=MODEL_ID_PATTERN)
     aliases: tuple[str, ...] = ()
+    pinned: bool = False
+    keep_alive_s: float | None = None
+    max_concurrent_jobs: int = Field(default=1, ge=1)
     default_max_tokens: int = Field(default=512, ge=1)
+    quantize_bits: Literal[2, 3, 4, 6, 8] | None = None
+    trust_remote_code: bool = False
+    adapter_path: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of 'path' or 'hub'")
+        if self.keep_alive_s is not None and self.keep_alive_s < 0 and self.keep_alive_s != -1:
+            raise ValueError("keep_alive_s must be -1 (never unload) or >= 0")
+        return self
+
+    @property
+    def model_dir(self) -> Path:
+        """The directory to load (catalog paths are resolved and checked at catalog load)."""
+        assert self.path is not None, "hub entries are resolved to a path by the catalog"
+        return self.path
+
+
+def cached_hub_dir(repo_id: str) -> Path | None:
+    """The local Hugging Face cache snapshot of ``repo_id``, never downloading; None if absent."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached, or huggingface_hub missing: the same answer for a job
+        return None
 
 
 def looks_like_path(name: str) -> bool:
@@ -53,8 +96,15 @@ def looks_like_path(name: str) -> bool:
 class Catalog:
     """Catalog entries by id, with alias lookup."""
 
-    def __init__(self, models: Mapping[str, ModelSpec], source: str = "<memory>") -> None:
+    def __init__(
+        self,
+        models: Mapping[str, ModelSpec],
+        source: str = "<memory>",
+        *,
+        allow_cached_hub_models: bool = False,
+    ) -> None:
         self.source = source
+        self.allow_cached_hub_models = allow_cached_hub_models
         self._models = dict(models)
         self._names: dict[str, str] = {}
         for spec in self._models.values():
@@ -81,11 +131,22 @@ class Catalog:
             raise ModelPathNotAllowed(
                 f"model {name!r} looks like a filesystem path; jobs name catalog ids or aliases"
             )
+        if self.allow_cached_hub_models and re.fullmatch(MODEL_ID_PATTERN, name) and "/" in name:
+            cached = cached_hub_dir(name)
+            if cached is not None:
+                return ModelSpec(id=name, kind=ModelKind.LM, path=cached)
         known = ", ".join(sorted(self._names)) or "(catalog is empty)"
         raise ModelNotFound(f"model {name!r} is not in the catalog; known: {known}")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str, base_dir: Path) -> Catalog:
+    def from_dict(
+        cls,
+        data: Mapping[str, Any],
+        *,
+        source: str,
+        base_dir: Path,
+        allow_cached_hub_models: bool = False,
+    ) -> Catalog:
         """Build from parsed TOML; relative paths resolve against ``base_dir``."""
         models = data.get("models", {})
         if not isinstance(models, dict):
@@ -101,17 +162,14 @@ class Catalog:
                 spec = ModelSpec.model_validate({"id": model_id, **entry})
             except ValidationError as e:
                 err = e.errors()[0]
-                field = ".".join(str(p) for p in err["loc"]) or "?"
-                raise CatalogError(
-                    f"{source}: model {model_id!r}: field {field!r}: {err['msg']}"
-                ) from e
-            if not spec.path.is_absolute():
-                spec = spec.model_copy(update={"path": (base_dir / spec.path).resolve()})
-            specs[model_id] = spec
-        return cls(specs, source=source)
+                field = ".".join(str(p) for p in err["loc"])
+                where = f"field {field!r}: " if field else ""
+                raise CatalogError(f"{source}: model {model_id!r}: {where}{err['msg']}") from e
+            specs[model_id] = _located(spec, source, base_dir)
+        return cls(specs, source=source, allow_cached_hub_models=allow_cached_hub_models)
 
     @classmethod
-    def load(cls, path: Path) -> Catalog:
+    def load(cls, path: Path, *, allow_cached_hub_models: bool = False) -> Catalog:
         """Read and check a catalog file; every error names the file, the model and the field."""
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -119,4 +177,33 @@ class Catalog:
             raise CatalogError(f"{path}: catalog file not found") from e
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
             raise CatalogError(f"{path}: cannot read catalog: {e}") from e
-        return cls.from_dict(data, source=str(path), base_dir=path.parent.resolve())
+        return cls.from_dict(
+            data,
+            source=str(path),
+            base_dir=path.parent.resolve(),
+            allow_cached_hub_models=allow_cached_hub_models,
+        )
+
+
+def _located(spec: ModelSpec, source: str, base_dir: Path) -> ModelSpec:
+    """The entry with its paths absolute and checked to exist (hub ids resolved from the cache)."""
+    where = f"{source}: model {spec.id!r}"
+    if spec.hub is not None:
+        cached = cached_hub_dir(spec.hub)
+        if cached is None:
+            raise CatalogError(
+                f"{where}: field 'hub': {spec.hub!r} is not in the local Hugging Face cache "
+                "(nothing is downloaded)"
+            )
+        path = cached
+    else:
+        assert spec.path is not None
+        path = spec.path if spec.path.is_absolute() else (base_dir / spec.path).resolve()
+        if not path.exists():
+            raise CatalogError(f"{where}: field 'path': {path} does not exist")
+    adapter = spec.adapter_path
+    if adapter is not None:
+        adapter = adapter if adapter.is_absolute() else (base_dir / adapter).resolve()
+        if not adapter.exists():
+            raise CatalogError(f"{where}: field 'adapter_path': {adapter} does not exist")
+    return spec.model_copy(update={"path": path, "adapter_path": adapter})

@@ -42,14 +42,25 @@ class Generation:
 
 
 def load(spec: ModelSpec) -> LoadedLM:
-    """Load the model directory named by the catalog entry."""
-    if not spec.path.is_dir():
-        raise ModelLoadError(f"model {spec.id!r}: directory {spec.path} does not exist")
+    """Load the model directory named by the catalog entry, with its load options."""
+    path = spec.model_dir
+    if not path.is_dir():
+        raise ModelLoadError(f"model {spec.id!r}: directory {path} does not exist")
     try:
         import mlx_lm
 
-        loaded: Any = mlx_lm.load(str(spec.path))
+        loaded: Any = mlx_lm.load(
+            str(path),
+            adapter_path=str(spec.adapter_path) if spec.adapter_path else None,
+            trust_remote_code=spec.trust_remote_code,
+        )
         model, tokenizer = loaded[0], loaded[1]
+        if spec.quantize_bits is not None:
+            import mlx.core as mx
+            import mlx.nn as nn
+
+            nn.quantize(model, bits=spec.quantize_bits)  # type: ignore[attr-defined]
+            mx.eval(model.parameters())
     except Exception as e:
         raise ModelLoadError(f"model {spec.id!r}: {type(e).__name__}: {e}") from e
     return LoadedLM(spec=spec, model=model, tokenizer=tokenizer)
