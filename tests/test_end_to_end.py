@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -175,3 +176,44 @@ def test_worker_refuses_to_start_on_a_broken_catalog(tmp_path: Path, redis_url: 
     )
     assert proc.returncode == 2
     assert "catalog_invalid" in proc.stderr and str(catalog) in proc.stderr
+
+
+WORKER_SCRIPT = """
+import json, sys
+from mlx_fusion.config import Settings
+from mlx_fusion.worker import FusionWorker
+from mlx_fusion.client import Client
+from mlx_fusion.jobs import connect_store
+
+if __name__ == "__main__":
+    settings = Settings()
+    worker = FusionWorker(settings=settings)
+    client = Client(settings, worker.connection, worker.runner.store)
+    job_id = client.submit({"kind": "completion", "model": "tiny-llama",
+                            "input": {"prompt": "hi", "max_tokens": 2}})
+    worker.work(burst=True)
+    print(json.dumps({"status": client.get(job_id)["status"],
+                      "mlx_in_worker": any(m.split(".")[0] in ("mlx", "mlx_lm")
+                                           for m in sys.modules)}))
+"""
+
+
+def test_the_worker_process_never_imports_mlx(
+    tmp_path: Path, redis: Redis, redis_url: str, tiny_model_dir: Path
+) -> None:
+    catalog = write_catalog(
+        tmp_path / "models.toml", {TINY_MODEL: {"kind": "lm", "path": tiny_model_dir}}
+    )
+    script = tmp_path / "worker_script.py"
+    script.write_text(WORKER_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        env=_env(tmp_path, redis_url, catalog),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == {"status": "completed", "mlx_in_worker": False}

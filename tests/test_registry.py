@@ -12,13 +12,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import crash_kind
 import psutil
 import pytest
 import slow_kind
 from conftest import write_catalog
 
 from mlx_fusion.config import Settings
-from mlx_fusion.errors import ModelCrashed, ModelLoadError, ModelTooLarge, NoCapacity
+from mlx_fusion.errors import (
+    ModelCrashed,
+    ModelLoadError,
+    ModelTooLarge,
+    NoCapacity,
+    OutOfMemory,
+)
 from mlx_fusion.jobs import parse_job
 from mlx_fusion.registry import Catalog, ModelKind, ModelRegistry
 
@@ -283,3 +290,27 @@ def test_in_process_mode_runs_jobs_in_this_process(make_registry: Any) -> None:
     registry = make_registry(registry_mode="inprocess")
     assert use(registry, "a")["object"] == "text_completion"
     assert registry.snapshot()["models"][0]["pid"] in (None, os.getpid())
+
+
+def test_out_of_memory_at_load_evicts_idle_models_and_retries_once(
+    make_registry: Any, tiny_model_dir: Path
+) -> None:
+    registry = make_registry(
+        {"oom-load": {"path": tiny_model_dir}}, kinds={ModelKind.LM: crash_kind}
+    )
+    use(registry, "a")
+    with pytest.raises(OutOfMemory) as e:
+        use(registry, "oom-load")
+    assert e.value.code == "out_of_memory"
+    assert loaded(registry) == set()
+    eviction = registry.snapshot()["evictions"][-1]
+    assert eviction["model"] == "a" and eviction["reason"] == "out of memory"
+
+
+def test_out_of_memory_in_a_job_evicts_idle_models_and_retries_once(make_registry: Any) -> None:
+    registry = make_registry(kinds={ModelKind.LM: crash_kind})
+    use(registry, "b")
+    with pytest.raises(OutOfMemory), registry.lease(registry.catalog.resolve("a")) as lease:
+        lease.run(job("a", action="oom"))
+    assert loaded(registry) == {"a"}  # the model process survived its allocation error
+    assert registry.snapshot()["evictions"][-1]["model"] == "b"
