@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import crash_kind
 import pytest
 import slow_kind
 from conftest import TINY_MODEL, write_catalog
@@ -201,3 +202,22 @@ def test_model_killed_mid_job_fails_it_and_the_worker_goes_on(
     assert doc["status"] == "failed" and doc["error"]["code"] == "model_crashed"
     assert "SIGKILL" in doc["error"]["message"]
     assert client.get(after)["status"] == "completed"
+
+
+def test_job_timeout_during_a_slow_load_kills_it_without_a_cooldown(
+    client: Any, make_worker: Any, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    catalog = write_catalog(
+        tmp_path / "slow.toml", {"slow-load": {"kind": "lm", "path": tiny_model_dir}}
+    )
+    job_id = client.submit(
+        {"kind": "completion", "model": "slow-load", "input": {"prompt": "x"}, "timeout_s": 1}
+    )
+    worker = make_worker(kinds={ModelKind.LM: crash_kind}, catalog_path=catalog)
+    started = time.monotonic()
+    worker.work(burst=True)
+    assert time.monotonic() - started < 15
+    doc = client.get(job_id)
+    assert doc["status"] == "failed" and doc["error"]["code"] == "timeout"
+    snap = worker.runner.registry.snapshot()
+    assert snap["cooldowns"] == {} and snap["models"] == []

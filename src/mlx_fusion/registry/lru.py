@@ -219,7 +219,7 @@ class ModelRegistry:
         except BaseException as e:
             with self._cond:
                 self._entries.pop(spec.id, None)
-                if isinstance(e, FusionError) and not isinstance(e, ModelTooLarge):
+                if isinstance(e, ModelLoadError | OutOfMemory):  # not a job's own timeout
                     self._record_failure(spec, e)
                 self._cond.notify_all()
             raise
