@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -83,6 +84,32 @@ def smollm2_dir() -> Path:
     from mlx_fusion.gguf import ensure_smollm2
 
     return ensure_smollm2(_cache_dir())
+
+
+def fusion_env(tmp_path: Path, redis_url: str, catalog: Path, **extra: str) -> dict[str, str]:
+    """The environment of an mlx-fusion subprocess: this test's Redis, data dir and catalog."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSION_")}
+    env.update(
+        FUSION_REDIS_URL=redis_url,
+        FUSION_DATA_DIR=str(tmp_path / "data"),
+        FUSION_CATALOG_PATH=str(catalog),
+        **extra,
+    )
+    return env
+
+
+def run_python(
+    env: dict[str, str], *args: str, timeout_s: float = 180
+) -> subprocess.CompletedProcess[str]:
+    """``python ARGS`` in a subprocess with ``env``, output captured."""
+    return subprocess.run(
+        [sys.executable, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
 
 
 def write_catalog(path: Path, models: Mapping[str, Mapping[str, Any]]) -> Path:

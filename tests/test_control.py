@@ -15,7 +15,7 @@ from typing import Any
 import crash_kind
 import pytest
 import slow_kind
-from conftest import TINY_MODEL, write_catalog
+from conftest import TINY_MODEL, fusion_env, run_python, write_catalog
 from redis import Redis
 
 from mlx_fusion import control
@@ -41,23 +41,10 @@ def test_models_load_and_unload_reach_a_running_worker(
     catalog = write_catalog(
         tmp_path / "models.toml", {TINY_MODEL: {"kind": "lm", "path": tiny_model_dir}}
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSION_")}
-    env.update(
-        FUSION_REDIS_URL=redis_url,
-        FUSION_DATA_DIR=str(tmp_path / "data"),
-        FUSION_CATALOG_PATH=str(catalog),
-        FUSION_WORKER_NAME="gpu-0",
-    )
+    env = fusion_env(tmp_path, redis_url, catalog, FUSION_WORKER_NAME="gpu-0")
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "mlx_fusion", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        return run_python(env, "-m", "mlx_fusion", *args, timeout_s=120)
 
     worker = subprocess.Popen(
         [sys.executable, "-m", "mlx_fusion", "worker"],

@@ -4,14 +4,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TINY_MODEL, write_catalog
+from conftest import TINY_MODEL, fusion_env, run_python, write_catalog
 from redis import Redis
 
 from mlx_fusion.client import Client
@@ -68,16 +66,6 @@ def test_smollm2_answers_paris_end_to_end(
     assert doc["created_at"] <= doc["started_at"] <= doc["finished_at"]
 
 
-def _env(tmp_path: Path, redis_url: str, catalog: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSION_")}
-    env.update(
-        FUSION_REDIS_URL=redis_url,
-        FUSION_DATA_DIR=str(tmp_path / "data"),
-        FUSION_CATALOG_PATH=str(catalog),
-    )
-    return env
-
-
 def _embedded_client(tmp_path: Path, redis_url: str, catalog: Path) -> Client:
     s = Settings(
         redis_url=redis_url, data_dir=tmp_path / "data", catalog_path=catalog, _env_file=None
@@ -86,11 +74,10 @@ def _embedded_client(tmp_path: Path, redis_url: str, catalog: Path) -> Client:
 
 
 @pytest.mark.parametrize(
-    "command",
+    "args",
     [
-        [sys.executable, "-m", "mlx_fusion", "worker", "--burst"],
+        ["-m", "mlx_fusion", "worker", "--burst"],
         [
-            sys.executable,
             "-m",
             "rq.cli",
             "worker",
@@ -107,7 +94,7 @@ def _embedded_client(tmp_path: Path, redis_url: str, catalog: Path) -> Client:
     ids=["mlx-fusion-worker", "rq-worker"],
 )
 def test_worker_process_on_the_embedded_store(
-    command: list[str], tmp_path: Path, redis: Redis, redis_url: str, tiny_model_dir: Path
+    args: list[str], tmp_path: Path, redis: Redis, redis_url: str, tiny_model_dir: Path
 ) -> None:
     catalog = write_catalog(
         tmp_path / "models.toml", {TINY_MODEL: {"kind": "lm", "path": tiny_model_dir}}
@@ -117,16 +104,9 @@ def test_worker_process_on_the_embedded_store(
         {"kind": "completion", "model": TINY_MODEL, "input": {"prompt": "the cat", "max_tokens": 2}}
     )
     bad = client.submit({"kind": "completion", "model": "nope", "input": {"prompt": "x"}})
-    if "rq.cli" in command:
-        command = [*command, "--url", redis_url]
-    proc = subprocess.run(
-        command,
-        env=_env(tmp_path, redis_url, catalog),
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    if "rq.cli" in args:
+        args = [*args, "--url", redis_url]
+    proc = run_python(fusion_env(tmp_path, redis_url, catalog), *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert client.get(ok)["status"] == "completed"
     assert client.get(bad)["error"]["code"] == "model_not_found"
@@ -138,17 +118,10 @@ def test_cli_submit_get_and_jobs(
     catalog = write_catalog(
         tmp_path / "models.toml", {TINY_MODEL: {"kind": "lm", "path": tiny_model_dir}}
     )
-    env = _env(tmp_path, redis_url, catalog)
+    env = fusion_env(tmp_path, redis_url, catalog)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "mlx_fusion", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=False,
-        )
+        return run_python(env, "-m", "mlx_fusion", *args)
 
     submitted = cli("submit", "--model", TINY_MODEL, "--prompt", "hello", "--max-tokens", "2")
     assert submitted.returncode == 0, submitted.stderr
@@ -166,13 +139,8 @@ def test_cli_submit_get_and_jobs(
 def test_worker_refuses_to_start_on_a_broken_catalog(tmp_path: Path, redis_url: str) -> None:
     catalog = tmp_path / "models.toml"
     catalog.write_text('[models.a]\nkind = "lm"\npath = "x"\naliases = ["a"]\n')
-    proc = subprocess.run(
-        [sys.executable, "-m", "mlx_fusion", "worker", "--burst"],
-        env=_env(tmp_path, redis_url, catalog),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    proc = run_python(
+        fusion_env(tmp_path, redis_url, catalog), "-m", "mlx_fusion", "worker", "--burst"
     )
     assert proc.returncode == 2
     assert "catalog_invalid" in proc.stderr and str(catalog) in proc.stderr
@@ -206,14 +174,7 @@ def test_the_worker_process_never_imports_mlx(
     )
     script = tmp_path / "worker_script.py"
     script.write_text(WORKER_SCRIPT)
-    proc = subprocess.run(
-        [sys.executable, str(script)],
-        env=_env(tmp_path, redis_url, catalog),
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    proc = run_python(fusion_env(tmp_path, redis_url, catalog), str(script))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report == {"status": "completed", "mlx_in_worker": False}
