@@ -30,7 +30,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import structlog
-from redis import Redis
 from rq.exceptions import DeserializationError, NoSuchJobError
 from rq.job import UNEVALUATED, Job
 from rq.queue import Queue
@@ -289,15 +288,3 @@ def _queue_names(queues: Sequence[str | Queue] | str | Queue | None) -> list[str
     items = [queues] if isinstance(queues, (str, Queue)) else list(queues)
     return [q.name if isinstance(q, Queue) else q for q in items]
 
-
-def work(
-    settings: Settings,
-    *,
-    burst: bool = False,
-    connection: Redis | None = None,
-    runner: JobRunner | None = None,
-    max_jobs: int | None = None,
-) -> bool:
-    """Run a worker until stopped (or, in burst mode, until the queues are empty)."""
-    worker = FusionWorker(settings=settings, connection=connection, runner=runner)
-    return worker.work(burst=burst, max_jobs=max_jobs, logging_level="INFO")
