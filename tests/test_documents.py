@@ -138,6 +138,7 @@ def test_unknown_model_lists_known_names(tmp_path: Path) -> None:
         ('[models.a]\nkind = "sorcery"\npath = "p"\n', "model 'a': field 'kind'"),
         ('[models.a]\nkind = "lm"\n', "model 'a': Value error, give exactly one of"),
         ('[models.a]\nkind = "lm"\npath = "nowhere"\n', "model 'a': field 'path': "),
+        ('[models.a]\nkind = "lm"\npath = "p"\nhub = "o/m"\n', "give exactly one of"),
         ('[models.a]\nkind = "lm"\nhub = "org/never-cached-xyz"\n', "field 'hub': 'org/never"),
         ('[models.a]\nkind = "lm"\npath = "p"\nkeep_alive_s = -5\n', "keep_alive_s must be -1"),
         ('[models.a]\nkind = "lm"\npath = "p"\ncolour = 1\n', "model 'a': field 'colour'"),

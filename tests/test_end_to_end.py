@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,7 @@ def test_worker_process_on_the_embedded_store(
     proc = run_python(fusion_env(tmp_path, redis_url, catalog), *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert client.get(ok)["status"] == "completed"
-    assert client.get(bad)["error"]["code"] == "model_not_found"
+    assert client.get(bad)["error"], proc.stderr[-4000:]["code"] == "model_not_found"
 
 
 def test_cli_submit_get_and_jobs(
@@ -178,3 +179,44 @@ def test_the_worker_process_never_imports_mlx(
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report == {"status": "completed", "mlx_in_worker": False}
+
+
+def _fake_hub_cache(root: Path, repo_id: str, model_dir: Path) -> None:
+    """A Hugging Face cache entry laid out as huggingface_hub writes it."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(model_dir, repo / "snapshots" / ("0" * 40))
+
+
+def test_hub_ids_come_from_the_local_cache_only(
+    tmp_path: Path, redis: Redis, redis_url: str, tiny_model_dir: Path
+) -> None:
+    hub_cache = tmp_path / "hf-cache"
+    _fake_hub_cache(hub_cache, "org/listed-model", tiny_model_dir)
+    _fake_hub_cache(hub_cache, "org/unlisted-model", tiny_model_dir)
+    catalog = tmp_path / "models.toml"
+    catalog.write_text('[models.listed]\nkind = "lm"\nhub = "org/listed-model"\n')
+    env = fusion_env(
+        tmp_path,
+        redis_url,
+        catalog,
+        FUSION_ALLOW_CACHED_HUB_MODELS="true",
+        HF_HUB_CACHE=str(hub_cache),
+        HF_HUB_OFFLINE="1",
+    )
+    client = _embedded_client(tmp_path, redis_url, catalog)
+    jobs = {
+        name: client.submit(
+            {"kind": "completion", "model": name, "input": {"prompt": "x", "max_tokens": 1}}
+        )
+        for name in ("listed", "org/unlisted-model", "org/not-cached")
+    }
+    proc = run_python(env, "-m", "mlx_fusion", "worker", "--burst")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert client.get(jobs["listed"])["status"] == "completed"
+    assert client.get(jobs["org/unlisted-model"])["status"] == "completed"
+    assert client.get(jobs["org/not-cached"])["error"]["code"] == "model_not_found"
+    catalog.write_text('[models.gone]\nkind = "lm"\nhub = "org/not-cached"\n')
+    refused = run_python(env, "-m", "mlx_fusion", "worker", "--burst")
+    assert refused.returncode == 2 and "field 'hub'" in refused.stderr

@@ -314,3 +314,14 @@ def test_out_of_memory_in_a_job_evicts_idle_models_and_retries_once(make_registr
         lease.run(job("a", action="oom"))
     assert loaded(registry) == {"a"}  # the model process survived its allocation error
     assert registry.snapshot()["evictions"][-1]["model"] == "b"
+
+
+def test_quantize_at_load_shrinks_the_measured_size(
+    make_registry: Any, model_dirs: dict[str, Path]
+) -> None:
+    registry = make_registry({"q": {"path": model_dirs["a"], "quantize_bits": 4}})
+    registry.load("a")
+    registry.load("q")
+    sizes = {m["id"]: m["measured_bytes"] for m in registry.snapshot()["models"]}
+    assert sizes["q"] < sizes["a"] / 2, sizes
+    assert use(registry, "q")["object"] == "text_completion"

@@ -287,4 +287,3 @@ def _queue_names(queues: Sequence[str | Queue] | str | Queue | None) -> list[str
         return []
     items = [queues] if isinstance(queues, (str, Queue)) else list(queues)
     return [q.name if isinstance(q, Queue) else q for q in items]
-

@@ -65,7 +65,7 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
-        if (self.path is None) == (self.hub is None):
+        if self.path is None and self.hub is None:
             raise ValueError("give exactly one of 'path' or 'hub'")
         if self.keep_alive_s is not None and self.keep_alive_s < 0 and self.keep_alive_s != -1:
             raise ValueError("keep_alive_s must be -1 (never unload) or >= 0")
@@ -158,6 +158,10 @@ class Catalog:
         for model_id, entry in models.items():
             if not isinstance(entry, dict):
                 raise CatalogError(f"{source}: model {model_id!r}: must be a table")
+            if "path" in entry and "hub" in entry:
+                raise CatalogError(
+                    f"{source}: model {model_id!r}: give exactly one of 'path' or 'hub'"
+                )
             try:
                 spec = ModelSpec.model_validate({"id": model_id, **entry})
             except ValidationError as e:

@@ -258,7 +258,7 @@ class ModelRegistry:
                 entry.handle = handle
                 entry.load_ms = report.load_ms
                 entry.loaded_at = time.time()
-                self._measure(entry, max(report.memory.active_bytes, report.memory.peak_bytes))
+                self._measure(entry, report.memory.active_bytes)  # resident after the load
                 if not self._device_known:
                     self._device_known = True
                     self._budget = budget_bytes(
@@ -307,7 +307,7 @@ class ModelRegistry:
                         self._forget(entry, reason=f"{type(e).__name__} during a job")
                 raise
             with self._cond:
-                self._measure(entry, memory.peak_bytes)
+                self._measure(entry, memory.peak_bytes)  # weights plus the job's working memory
             return result, metrics
         raise AssertionError("unreachable")
 

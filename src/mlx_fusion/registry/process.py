@@ -178,10 +178,9 @@ def _child_main(
         pass
     sys.stdout = sys.stderr
     threading.Thread(target=_exit_with_parent, name="parent-watch", daemon=True).start()
-    spec = ModelSpec.model_validate(spec_data)
-    context = f"model {spec.id!r}"
+    context = f"model {spec_data.get('id')!r}"
     try:
-        kind, model = _load(spec, kind_module)
+        kind, model = _load(ModelSpec.model_validate(spec_data), kind_module)
         reply: tuple[str, Any] = (
             "ok",
             {"memory": asdict(_memory_report()), "device": _device_info()},
