@@ -39,7 +39,11 @@ def test_models_load_and_unload_reach_a_running_worker(
     tmp_path: Path, redis: Redis, redis_url: str, tiny_model_dir: Path
 ) -> None:
     catalog = write_catalog(
-        tmp_path / "models.toml", {TINY_MODEL: {"kind": "lm", "path": tiny_model_dir}}
+        tmp_path / "models.toml",
+        {
+            TINY_MODEL: {"kind": "lm", "path": tiny_model_dir},
+            "always": {"kind": "lm", "path": tiny_model_dir, "pinned": True},
+        },
     )
     env = fusion_env(tmp_path, redis_url, catalog, FUSION_WORKER_NAME="gpu-0")
 
@@ -54,17 +58,18 @@ def test_models_load_and_unload_reach_a_running_worker(
     )
     try:
         _until(lambda: control.workers(redis, PREFIX) == ["gpu-0"], 60, "the worker's snapshot")
+        _until(lambda: _loaded(redis) == ["always"], 60, "the pinned model to preload")
         loaded = cli("models", "load", TINY_MODEL, "--wait", "90")
         assert loaded.returncode == 0, loaded.stdout + loaded.stderr
         assert "gpu-0: load tiny-llama: done" in loaded.stdout
         snap = control.read_snapshot(redis, PREFIX, "gpu-0")
-        assert snap is not None and [m["id"] for m in snap["models"]] == [TINY_MODEL]
-        model_pid = snap["models"][0]["pid"]
+        assert snap is not None and _loaded(redis) == ["always", TINY_MODEL]
+        model_pid = next(m["pid"] for m in snap["models"] if m["id"] == TINY_MODEL)
         listing = cli("models")
         assert listing.returncode == 0 and "gpu-0 (ready" in listing.stdout
         unloaded = cli("models", "unload", TINY_MODEL, "--worker", "gpu-0")
         assert unloaded.returncode == 0 and "unload tiny-llama: done" in unloaded.stdout
-        assert control.read_snapshot(redis, PREFIX, "gpu-0")["models"] == []  # type: ignore[index]
+        assert _loaded(redis) == ["always"]
         _until(lambda: not _pid_alive(model_pid), 10, "the model process to exit")
         unknown = cli("models", "load", "no-such-model", "--wait", "30")
         assert unknown.returncode == 1 and "model_not_found" in unknown.stdout
@@ -72,6 +77,11 @@ def test_models_load_and_unload_reach_a_running_worker(
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=60)
     assert control.workers(redis, PREFIX) == []
+
+
+def _loaded(redis: Redis) -> list[str]:
+    snap = control.read_snapshot(redis, PREFIX, "gpu-0") or {"models": []}
+    return sorted(m["id"] for m in snap["models"] if m["state"] == "ready")
 
 
 def _pid_alive(pid: int) -> bool:
