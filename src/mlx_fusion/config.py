@@ -40,7 +40,17 @@ class Settings(BaseSettings):
     job_timeout_default_s: int = Field(default=defaults.JOB_TIMEOUT_DEFAULT_S, gt=0)
     job_timeout_max_s: int = Field(default=defaults.JOB_TIMEOUT_MAX_S, gt=0)
     max_input_bytes: int = Field(default=defaults.MAX_INPUT_BYTES, gt=0)
+    max_file_bytes: int = Field(
+        default=defaults.MAX_FILE_BYTES,
+        gt=0,
+        description="Largest file a job may reference in the input folder (audio, images).",
+    )
     catalog_path: Path = Path("models.toml")
+    input_dir: Path | None = Field(
+        default=None,
+        description="The only folder whose files jobs may reference (audio, images); unset: "
+        "jobs carry their data inline.",
+    )
     retention_days: float = Field(default=defaults.RETENTION_DAYS, gt=0)
     heartbeat_interval_s: float = Field(default=defaults.HEARTBEAT_INTERVAL_S, gt=0)
     result_ttl_s: int = Field(default=defaults.RESULT_TTL_S, gt=0)

@@ -26,6 +26,9 @@ JOB_TIMEOUT_MAX_S = 3600
 MAX_INPUT_BYTES = 1_000_000
 """Largest job document (serialized JSON) a worker accepts."""
 
+MAX_FILE_BYTES = 100_000_000
+"""Largest file a job may reference in the input folder."""
+
 RETENTION_DAYS = 7.0
 """Finished job documents are deleted this long after they finish (MongoDB TTL index)."""
 

@@ -7,6 +7,7 @@
     │   ├── UnknownKind (unknown_kind)
     │   ├── InvalidInput (invalid_input)
     │   ├── InputTooLarge (input_too_large)
+    │   ├── InputPathNotAllowed (input_path_not_allowed)
     │   ├── FunctionNotAllowed (function_not_allowed)
     │   └── ModelKindMismatch (model_kind_mismatch)
     ├── ModelNotFound (model_not_found)
@@ -74,6 +75,12 @@ class InputTooLarge(JobValidationError):
     """The serialized job document exceeds the configured size limit."""
 
     code = "input_too_large"
+
+
+class InputPathNotAllowed(JobValidationError):
+    """The job references a file outside the allowed input folder (or none is configured)."""
+
+    code = "input_path_not_allowed"
 
 
 class FunctionNotAllowed(JobValidationError):

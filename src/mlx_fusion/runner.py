@@ -79,6 +79,7 @@ class JobRunner:
         spec_doc = job.spec.to_document()
         try:
             model = self.registry.resolve(job.spec.model, job.kind)
+            job = self.registry.prepare(model, job)
         except FusionError as e:
             self.reject(job.spec.id, spec_doc, e)
             raise

@@ -6,6 +6,7 @@ each failure raising the error whose ``code`` goes into the job document.
 
 from __future__ import annotations
 
+import importlib
 import json
 import uuid
 from enum import StrEnum
@@ -14,12 +15,7 @@ from typing import Annotated, Any
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mlx_fusion.errors import InputTooLarge, InvalidInput, JobValidationError, UnknownKind
-from mlx_fusion.jobs.inputs import (
-    ChatCompletionInput,
-    CompletionInput,
-    SamplingParams,
-    describe_validation_error,
-)
+from mlx_fusion.jobs.inputs import describe_validation_error
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 MAX_METADATA_KEYS = 32
@@ -27,17 +23,38 @@ MAX_METADATA_VALUE_CHARS = 1024
 
 
 class Kind(StrEnum):
-    """Job kinds this worker runs."""
+    """Job kinds: each takes the OpenAI request body of its endpoint as ``input``."""
 
     CHAT_COMPLETION = "chat.completion"
     COMPLETION = "completion"
+    EMBEDDING = "embedding"
+    TRANSCRIPTION = "transcription"
+    IMAGE_GENERATION = "image.generation"
+    IMAGE_EDIT = "image.edit"
 
 
-INPUT_MODELS: dict[Kind, type[SamplingParams]] = {
-    Kind.CHAT_COMPLETION: ChatCompletionInput,
-    Kind.COMPLETION: CompletionInput,
+INPUT_MODELS: dict[Kind, str] = {
+    Kind.CHAT_COMPLETION: "mlx_fusion.jobs.inputs.text:ChatCompletionInput",
+    Kind.COMPLETION: "mlx_fusion.jobs.inputs.text:CompletionInput",
+    Kind.EMBEDDING: "mlx_fusion.jobs.inputs.embedding:EmbeddingInput",
+    Kind.TRANSCRIPTION: "mlx_fusion.jobs.inputs.audio:TranscriptionInput",
+    Kind.IMAGE_GENERATION: "mlx_fusion.jobs.inputs.image:ImageGenerationInput",
+    Kind.IMAGE_EDIT: "mlx_fusion.jobs.inputs.image:ImageEditInput",
 }
-"""The input schema of each kind."""
+"""The input schema of each kind, as ``module:Class`` (imported when first needed)."""
+
+
+def input_model(kind: Kind) -> type[BaseModel] | None:
+    """The input schema of ``kind``, or None when this version does not run that kind."""
+    module_name, _, attr = INPUT_MODELS[kind].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name:
+            return None
+        raise
+    model: type[BaseModel] = getattr(module, attr)
+    return model
 
 
 class Priority(StrEnum):
@@ -118,7 +135,7 @@ class Job(BaseModel):
 
     spec: JobSpec
     kind: Kind
-    input: SamplingParams
+    input: BaseModel
 
 
 def _json_size(raw: Any) -> int:
@@ -152,13 +169,13 @@ def parse_spec(raw: Any, *, max_input_bytes: int) -> JobSpec:
 def parse_job(raw: Any, *, max_input_bytes: int) -> Job:
     """Validate a whole job document: size, schema, kind, then the kind's input."""
     spec = parse_spec(raw, max_input_bytes=max_input_bytes)
+    schema = input_model(Kind(spec.kind)) if spec.kind in Kind._value2member_map_ else None
+    if schema is None:
+        known = ", ".join(k.value for k in Kind if input_model(k) is not None)
+        raise UnknownKind(f"unknown kind {spec.kind!r}; known: {known}", field="kind")
+    kind = Kind(spec.kind)
     try:
-        kind = Kind(spec.kind)
-    except ValueError as e:
-        known = ", ".join(k.value for k in Kind)
-        raise UnknownKind(f"unknown kind {spec.kind!r}; known: {known}", field="kind") from e
-    try:
-        job_input = INPUT_MODELS[kind].model_validate(spec.input)
+        job_input = schema.model_validate(spec.input)
     except ValidationError as e:
         field, reason = describe_validation_error(e.errors(), "input")
         raise InvalidInput(reason, field=field) from e

@@ -132,7 +132,9 @@ class ModelRegistry:
 
     def _default_factory(self, spec: ModelSpec, kind_module: str) -> ModelHandle:
         cls = ModelProcess if self.settings.registry_mode == "process" else InProcessModel
-        return cls(spec, kind_module, max_input_bytes=self.settings.max_input_bytes)
+        # a prepared job may carry a referenced file inline, base64: beyond the document limit
+        limit = self.settings.max_input_bytes + 2 * self.settings.max_file_bytes
+        return cls(spec, kind_module, max_input_bytes=limit)
 
     # ----- resolving ---------------------------------------------------------------------
 
@@ -147,6 +149,12 @@ class ModelRegistry:
                 field="model",
             )
         return spec
+
+    def prepare(self, spec: ModelSpec, job: Job) -> Job:
+        """The job as its model process will get it: the kind's ``prepare`` hook, if it has one,
+        resolves what the job references (files under the input folder) in this process."""
+        hook = getattr(self._kinds.get(spec.kind), "prepare", None)
+        return job if hook is None else hook(job, self.settings)
 
     def _kind_module(self, spec: ModelSpec) -> str:
         kind = self._kinds.get(spec.kind)

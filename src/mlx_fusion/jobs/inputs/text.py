@@ -1,4 +1,5 @@
-"""The ``input`` of each job kind: the OpenAI request body, validated before anything runs.
+"""Inputs of ``chat.completion`` and ``completion`` jobs (OpenAI ``/v1/chat/completions`` and
+``/v1/completions`` bodies).
 
 Unknown fields are refused rather than silently ignored, so a Tier-2 author learns at once that a
 parameter has no effect; ``model`` and ``user`` are accepted and ignored (the job's own ``model``
@@ -7,7 +8,7 @@ field names the model).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -112,11 +113,3 @@ class CompletionInput(SamplingParams):
     def token_limit(self, default: int) -> int:
         """The number of tokens to generate at most."""
         return self.max_tokens or default
-
-
-def describe_validation_error(errors: list[Any], prefix: str) -> tuple[str, str]:
-    """(field, reason) of the first pydantic error, the field as a dotted path under ``prefix``."""
-    first = errors[0]
-    loc = ".".join(str(p) for p in first.get("loc", ()))
-    field = f"{prefix}.{loc}" if loc and prefix else (loc or prefix)
-    return field, str(first.get("msg", "invalid"))
