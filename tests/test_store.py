@@ -134,3 +134,33 @@ def test_mongomock_has_the_indexes(store: JobStore) -> None:
     assert keys[("idempotency_key",)]["unique"] is True
     assert keys[("expire_at",)]["expireAfterSeconds"] == 0
     assert ("status", "created_at") in keys and ("request_id",) in keys
+
+
+def test_large_result_goes_to_the_blob_store_and_expires_with_the_job(
+    any_store: JobStore,
+) -> None:
+    any_store.insert(spec("big"))
+    any_store.insert(spec("small"))
+    for job_id in ("big", "small"):
+        any_store.start(job_id, "w")
+    result = {"object": "list", "data": [{"embedding": [0.5] * 200}]}
+    done = any_store.complete("big", result, {}, max_inline_bytes=100)
+    assert done is not None and done["result"] is None
+    assert done["result_ref"]["bytes"] > 100
+    assert done["result_ref"]["content_type"] == "application/json"
+    assert any_store.result("big") == result
+    any_store.complete("small", {"text": "ok"}, {}, max_inline_bytes=100)
+    assert any_store.get("small")["result"] == {"text": "ok"}  # type: ignore[index]
+    assert any_store.blobs is not None
+    assert any_store.blobs.purge_expired(utcnow()) == 0
+    later = utcnow() + any_store.retention + dt.timedelta(seconds=1)
+    assert any_store.blobs.purge_expired(later) == 1
+    with pytest.raises(JobStoreError):
+        any_store.result("big")
+
+
+def test_unknown_blob_ids_are_refused(any_store: JobStore) -> None:
+    assert any_store.blobs is not None
+    for blob_id in ("nope", "../../etc/passwd", "0" * 24):
+        with pytest.raises(JobStoreError):
+            any_store.blobs.get(blob_id)

@@ -3,6 +3,7 @@ queue to a final status in the store, bad jobs fail precisely, and the worker ke
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import socket
 import threading
@@ -21,6 +22,8 @@ from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from mlx_fusion.defaults import JOB_FUNCTION
+from mlx_fusion.errors import JobStoreError
+from mlx_fusion.jobs import utcnow
 from mlx_fusion.registry.catalog import ModelKind
 
 
@@ -394,3 +397,25 @@ def test_unreachable_job_store_fails_the_rq_job_and_the_worker_goes_on(
     worker.work(burst=True)
     failed = FailedJobRegistry("fusion:default", connection=redis, serializer=JSONSerializer)
     assert sorted(failed.get_job_ids()) == ["lost-0", "lost-1"]
+
+
+def test_result_past_the_inline_limit_is_stored_as_a_blob(client: Any, make_worker: Any) -> None:
+    job_id = client.submit(chat_job())
+    make_worker(max_result_bytes=50).work(burst=True)
+    doc = client.get(job_id)
+    assert doc["status"] == "completed" and doc["result"] is None
+    assert doc["result_ref"]["bytes"] > 50
+    result = client.get_result(job_id)
+    assert result["object"] == "chat.completion" and result["id"] == f"chatcmpl-{job_id}"
+
+
+def test_worker_maintenance_purges_expired_blobs(make_worker: Any, store: Any) -> None:
+    past = utcnow() - dt.timedelta(days=1)
+    stale = store.blobs.put("old-job", "result.json", b"{}", content_type="x", expire_at=past)
+    fresh = store.blobs.put(
+        "new-job", "result.json", b"{}", content_type="x", expire_at=utcnow() + dt.timedelta(days=1)
+    )
+    make_worker().work(burst=True)
+    with pytest.raises(JobStoreError):
+        store.blobs.get(stale)
+    assert store.blobs.get(fresh) == b"{}"

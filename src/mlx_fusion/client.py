@@ -73,6 +73,11 @@ class Client:
         """The job's document (status, result, error, metrics), or None."""
         return self.store.get(job_id)
 
+    def get_result(self, job_id: str) -> Any:
+        """A completed job's result, fetched from the blob store when it was too large to keep in
+        the record (``result_ref``)."""
+        return self.store.result(job_id)
+
     def wait(self, job_id: str, timeout_s: float, *, poll_s: float = 0.2) -> Record:
         """Poll until the job is completed, failed or cancelled; ``TimeoutError`` otherwise."""
         deadline = time.monotonic() + timeout_s

@@ -45,6 +45,11 @@ class Settings(BaseSettings):
         gt=0,
         description="Largest file a job may reference in the input folder (audio, images).",
     )
+    max_result_bytes: int = Field(
+        default=defaults.MAX_RESULT_BYTES,
+        gt=0,
+        description="Results larger than this (as JSON) are stored as blobs, not in the record.",
+    )
     catalog_path: Path = Path("models.toml")
     input_dir: Path | None = Field(
         default=None,

@@ -29,6 +29,9 @@ MAX_INPUT_BYTES = 1_000_000
 MAX_FILE_BYTES = 100_000_000
 """Largest file a job may reference in the input folder."""
 
+MAX_RESULT_BYTES = 1_000_000
+"""Largest result kept inline in a job record; larger ones go to the blob store."""
+
 RETENTION_DAYS = 7.0
 """Finished job documents are deleted this long after they finish (MongoDB TTL index)."""
 

@@ -104,7 +104,10 @@ class JobRunner:
                 raise
             raise err from e
         metrics.update(run_metrics)
-        if self.store.complete(job.spec.id, result, metrics) is None:
+        done = self.store.complete(
+            job.spec.id, result, metrics, max_inline_bytes=self.settings.max_result_bytes
+        )
+        if done is None:
             log.warning("job_result_discarded", reason="job no longer processing")
             return {"id": job.spec.id, "status": "discarded"}
         log.info("job_completed", **metrics)

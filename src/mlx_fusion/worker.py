@@ -41,6 +41,7 @@ from rq.worker import SimpleWorker
 from mlx_fusion import defaults
 from mlx_fusion.config import Settings
 from mlx_fusion.errors import FunctionNotAllowed, FusionError, JobTimeout, JobValidationError
+from mlx_fusion.jobs.store import utcnow
 from mlx_fusion.runner import JobRunner
 
 log = structlog.get_logger(__name__)
@@ -257,6 +258,19 @@ class FusionWorker(SimpleWorker):
                     self.runner.registry.load(spec.id)
                 except FusionError as e:  # its jobs will report the error; the worker serves
                     log.error("pinned_model_failed", model=spec.id, code=e.code, error=e.message)
+
+    def run_maintenance_tasks(self) -> None:
+        super().run_maintenance_tasks()  # type: ignore[no-untyped-call]
+        blobs = self.runner.store.blobs
+        if blobs is None:
+            return
+        try:
+            purged = blobs.purge_expired(utcnow())
+        except Exception as e:  # the store being down must not stop the worker
+            log.warning("blob_purge_failed", error=f"{type(e).__name__}: {e}")
+            return
+        if purged:
+            log.info("blobs_purged", count=purged)
 
     def get_heartbeat_ttl(self, job: Job) -> int:
         interval = self.settings.heartbeat_interval_s

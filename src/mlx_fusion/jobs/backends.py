@@ -14,6 +14,7 @@ from typing import Any
 from mlx_fusion.config import Settings
 from mlx_fusion.defaults import JOBS_COLLECTION
 from mlx_fusion.errors import JobStoreError
+from mlx_fusion.jobs.blobs import FileBlobs, GridFSBlobs
 from mlx_fusion.jobs.store import JobStore
 
 _SERVER_SELECTION_TIMEOUT_MS = 5000
@@ -35,19 +36,29 @@ def connect_store(settings: Settings, *, ensure_indexes: bool = True) -> JobStor
         store = _montydb_store(settings)
     elif url.startswith("mongomock://"):
         import mongomock
+        import mongomock.gridfs
 
+        mongomock.gridfs.enable_gridfs_integration()  # type: ignore[no-untyped-call]
         client: Any = mongomock.MongoClient(tz_aware=True)
-        store = JobStore(client[settings.mongo_db][JOBS_COLLECTION], retention=_retention(settings))
+        store = _mongo_store(client[settings.mongo_db], settings)
     else:
         import pymongo
 
         client = pymongo.MongoClient(
             url, tz_aware=True, serverSelectionTimeoutMS=_SERVER_SELECTION_TIMEOUT_MS
         )
-        store = JobStore(client[settings.mongo_db][JOBS_COLLECTION], retention=_retention(settings))
+        store = _mongo_store(client[settings.mongo_db], settings)
     if ensure_indexes:
         store.ensure_indexes()
     return store
+
+
+def _mongo_store(database: Any, settings: Settings) -> JobStore:
+    return JobStore(
+        database[JOBS_COLLECTION],
+        retention=_retention(settings),
+        blobs=GridFSBlobs(database),
+    )
 
 
 def _montydb_store(settings: Settings) -> JobStore:
@@ -67,4 +78,5 @@ def _montydb_store(settings: Settings) -> JobStore:
         duplicate_errors=(monty_errors.DuplicateKeyError, StorageDuplicateKeyError),
         store_errors=(monty_errors.MontyError,),
         naive_datetimes=True,
+        blobs=FileBlobs(settings.data_dir / "blobs"),
     )

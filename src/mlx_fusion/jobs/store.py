@@ -9,6 +9,7 @@ mongomock (tests) and montydb (the embedded single-host store).
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -16,6 +17,7 @@ from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from mlx_fusion.errors import JobStoreError
+from mlx_fusion.jobs.blobs import BlobStore, blob_ref
 from mlx_fusion.jobs.document import JobSpec, Status
 
 Document = dict[str, Any]
@@ -84,15 +86,22 @@ def start_update(
 
 
 def complete_update(
-    job_id: str, result: Any, metrics: Mapping[str, Any], now: dt.datetime, retention: dt.timedelta
+    job_id: str,
+    result: Any,
+    metrics: Mapping[str, Any],
+    now: dt.datetime,
+    retention: dt.timedelta,
+    *,
+    result_ref: Mapping[str, Any] | None = None,
 ) -> Update:
-    """processing -> completed, with result and metrics, in one write."""
+    """processing -> completed, with the result (or a reference to it) and metrics, in one write."""
     sets = {
         "status": Status.COMPLETED.value,
         "finished_at": now,
         "updated_at": now,
         "expire_at": now + retention,
         "result": result,
+        **({"result_ref": dict(result_ref)} if result_ref else {}),
         **{f"metrics.{k}": v for k, v in metrics.items()},
     }
     return {"_id": job_id, "status": Status.PROCESSING.value}, {"$set": sets}
@@ -157,12 +166,14 @@ class JobStore:
         duplicate_errors: tuple[type[BaseException], ...] = (DuplicateKeyError,),
         store_errors: tuple[type[BaseException], ...] = (PyMongoError,),
         naive_datetimes: bool = False,
+        blobs: BlobStore | None = None,
     ) -> None:
         self.collection = collection
         self.retention = retention
         self._duplicate = duplicate_errors
         self._errors = store_errors
         self._naive = naive_datetimes
+        self.blobs = blobs
 
     def _query_time(self, value: dt.datetime) -> dt.datetime:
         # montydb compares stored (naive UTC) datetimes with query values as they are
@@ -275,12 +286,42 @@ class JobStore:
         return self._transition(update, upsert=True)
 
     def complete(
-        self, job_id: str, result: Any, metrics: Mapping[str, Any], now: dt.datetime | None = None
+        self,
+        job_id: str,
+        result: Any,
+        metrics: Mapping[str, Any],
+        now: dt.datetime | None = None,
+        *,
+        max_inline_bytes: int | None = None,
     ) -> Document | None:
-        """Mark completed with its result; None if the job was not processing."""
+        """Mark completed with its result; None if the job was not processing. A result whose
+        JSON exceeds ``max_inline_bytes`` goes to the blob store and the record references it."""
+        now = now or utcnow()
+        ref = None
+        if max_inline_bytes is not None and self.blobs is not None:
+            data = json.dumps(result, separators=(",", ":")).encode()
+            if len(data) > max_inline_bytes:
+                blob_id = self.blobs.put(
+                    job_id,
+                    "result.json",
+                    data,
+                    content_type="application/json",
+                    expire_at=now + self.retention,
+                )
+                result, ref = None, blob_ref(blob_id, data, "application/json")
         return self._transition(
-            complete_update(job_id, result, metrics, now or utcnow(), self.retention)
+            complete_update(job_id, result, metrics, now, self.retention, result_ref=ref)
         )
+
+    def result(self, job_id: str) -> Any:
+        """A completed job's result, read from the blob store when it was too large to inline."""
+        doc = self.get(job_id)
+        if doc is None:
+            raise JobStoreError(f"no job {job_id!r}")
+        ref = doc.get("result_ref")
+        if ref and self.blobs is not None:
+            return json.loads(self.blobs.get(ref["blob_id"]))
+        return doc.get("result")
 
     def fail(
         self,
