@@ -367,6 +367,24 @@ def models_unload(
     _command("unload", model_id, worker, wait)
 
 
+@models_app.command("import")
+def models_import(
+    source: Annotated[Path, typer.Argument(help="A GGUF file or a CTranslate2 whisper folder.")],
+    out_dir: Annotated[Path, typer.Argument(help="The MLX model directory to write.")],
+) -> None:
+    """Import a llama-family GGUF file or a CTranslate2 whisper model as an MLX model directory
+    (then name it in the catalog)."""
+    from mlx_fusion.model_import import import_model
+
+    try:
+        fmt, written = import_model(source, out_dir)
+    except FusionError as e:
+        _fail(e)
+    kind = "lm" if fmt == "gguf" else "whisper"
+    typer.echo(f"imported {source} ({fmt}) into {written}")
+    typer.echo(f'catalog entry:\n[models.{written.name}]\nkind = "{kind}"\npath = "{written}"')
+
+
 def main() -> None:
     """Console entry point."""
     app()

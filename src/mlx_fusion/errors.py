@@ -13,6 +13,7 @@
     ├── ModelNotFound (model_not_found)
     │   └── ModelPathNotAllowed (model_path_not_allowed)
     ├── CatalogError (catalog_invalid)
+    ├── ModelImportError (model_import_failed)
     ├── ModelLoadError (model_load_failed)
     ├── ModelTooLarge (model_too_large)
     ├── ModelCrashed (model_crashed)
@@ -111,6 +112,12 @@ class CatalogError(FusionError):
     """The model catalog file is invalid; the message names file, model id and field."""
 
     code = "catalog_invalid"
+
+
+class ModelImportError(FusionError):
+    """A file or directory could not be imported as an MLX model (truncated, foreign format)."""
+
+    code = "model_import_failed"
 
 
 class ModelLoadError(FusionError):
