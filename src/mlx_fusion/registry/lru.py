@@ -144,8 +144,7 @@ class ModelRegistry:
         kind = self._kinds.get(spec.kind)
         if kind is None or job_kind not in kind.JOB_KINDS:
             raise ModelKindMismatch(
-                f"model {spec.id!r} is a {spec.kind.value!r} model and cannot run "
-                f"{job_kind.value!r} jobs",
+                f"model {spec.id!r} (kind {spec.kind.value!r}) cannot run {job_kind.value!r} jobs",
                 field="model",
             )
         return spec
