@@ -78,6 +78,21 @@ class Client:
         the record (``result_ref``)."""
         return self.store.result(job_id)
 
+    def get_blob(self, blob_id: str) -> bytes:
+        """The bytes of a stored output (``blob_id`` from a result or ``result_ref``)."""
+        if self.store.blobs is None:
+            raise FusionError("this job store keeps no blobs")
+        return self.store.blobs.get(blob_id)
+
+    def get_image(self, job_id: str, index: int = 0) -> bytes:
+        """The PNG bytes of image ``index`` of a completed image job."""
+        result = self.get_result(job_id) or {}
+        try:
+            blob_id = result["data"][index]["blob_id"]
+        except (KeyError, IndexError, TypeError) as e:
+            raise FusionError(f"job {job_id} has no image {index}") from e
+        return self.get_blob(blob_id)
+
     def wait(self, job_id: str, timeout_s: float, *, poll_s: float = 0.2) -> Record:
         """Poll until the job is completed, failed or cancelled; ``TimeoutError`` otherwise."""
         deadline = time.monotonic() + timeout_s

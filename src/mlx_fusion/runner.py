@@ -13,9 +13,16 @@ from typing import Any
 import structlog
 
 from mlx_fusion.config import Settings
-from mlx_fusion.errors import FusionError, InferenceError, JobValidationError, error_dict
+from mlx_fusion.errors import (
+    FusionError,
+    InferenceError,
+    JobStoreError,
+    JobValidationError,
+    error_dict,
+)
+from mlx_fusion.jobs.blobs import BlobWriter, blob_ref
 from mlx_fusion.jobs.document import Job, parse_job
-from mlx_fusion.jobs.store import JobStore, elapsed_ms
+from mlx_fusion.jobs.store import JobStore, elapsed_ms, utcnow
 from mlx_fusion.registry import ModelRegistry
 
 log = structlog.get_logger(__name__)
@@ -60,6 +67,19 @@ class JobRunner:
         log.warning("job_rejected", job_id=job_id, code=error.code, error=error.message)
         self.store.fail(job_id, error.to_dict(), spec_doc=safe_fields(raw))
 
+    def _blob_writer(self, job: Job) -> BlobWriter:
+        def put(name: str, data: bytes, content_type: str) -> dict[str, Any]:
+            blobs = self.store.blobs
+            if blobs is None:
+                raise JobStoreError("this job store keeps no blobs")
+            expire_at = utcnow() + self.store.retention
+            blob_id = blobs.put(
+                job.spec.id, name, data, content_type=content_type, expire_at=expire_at
+            )
+            return blob_ref(blob_id, data, content_type)
+
+        return put
+
     def process(
         self, raw: Any, job_id: str, *, worker: str, enqueued_at: dt.datetime | None = None
     ) -> dict[str, Any]:
@@ -96,6 +116,7 @@ class JobRunner:
             with self.registry.lease(model) as lease:
                 metrics["load_ms"] = lease.load_ms
                 result, run_metrics = lease.run(job)
+            result = self.registry.finish(model, job, result, self._blob_writer(job))
         except Exception as e:
             err = e if isinstance(e, FusionError) else InferenceError(f"{type(e).__name__}: {e}")
             self.store.fail(job.spec.id, error_dict(err), metrics=metrics)

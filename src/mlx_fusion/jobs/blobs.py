@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import re
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,6 +36,10 @@ class BlobStore(Protocol):
     def purge_expired(self, now: dt.datetime) -> int:
         """Delete blobs whose job's retention has passed; returns how many."""
         ...
+
+
+BlobWriter = Callable[[str, bytes, str], dict[str, Any]]
+"""``put(name, data, content_type) -> blob_ref``: how a kind's ``finish`` hook stores an output."""
 
 
 def blob_ref(blob_id: str, data: bytes, content_type: str) -> dict[str, Any]:

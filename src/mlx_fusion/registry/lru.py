@@ -38,6 +38,7 @@ from mlx_fusion.errors import (
     NoCapacity,
     OutOfMemory,
 )
+from mlx_fusion.jobs.blobs import BlobWriter
 from mlx_fusion.jobs.document import Job, Kind
 from mlx_fusion.registry.budget import budget_bytes, estimate_bytes
 from mlx_fusion.registry.catalog import Catalog, ModelKind, ModelSpec
@@ -154,6 +155,14 @@ class ModelRegistry:
         resolves what the job references (files under the input folder) in this process."""
         hook = getattr(self._kinds.get(spec.kind), "prepare", None)
         return job if hook is None else hook(job, self.settings)
+
+    def finish(
+        self, spec: ModelSpec, job: Job, result: dict[str, Any], put: BlobWriter
+    ) -> dict[str, Any]:
+        """The result as the job record keeps it: the kind's ``finish`` hook, if it has one, moves
+        binary outputs (images) from the model process's reply into the blob store."""
+        hook = getattr(self._kinds.get(spec.kind), "finish", None)
+        return result if hook is None else hook(job, result, put)
 
     def _kind_module(self, spec: ModelSpec) -> str:
         kind = self._kinds.get(spec.kind)

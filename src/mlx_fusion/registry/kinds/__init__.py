@@ -1,5 +1,5 @@
 """Model kinds, one module each, exporting ``JOB_KINDS``, ``load(spec)`` and ``run(model, job)``,
-and optionally ``prepare(job, settings) -> job``.
+and optionally ``prepare(job, settings) -> job`` and ``finish(job, result, put) -> result``.
 
 ``run`` executes in the model's process. ``prepare`` executes in the worker process before the
 job is sent there (it must not import MLX): it resolves what the job references, such as a file
