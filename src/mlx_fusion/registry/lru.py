@@ -134,7 +134,7 @@ class ModelRegistry:
     def _default_factory(self, spec: ModelSpec, kind_module: str) -> ModelHandle:
         cls = ModelProcess if self.settings.registry_mode == "process" else InProcessModel
         # a prepared job may carry a referenced file inline, base64: beyond the document limit
-        limit = self.settings.max_input_bytes + 2 * self.settings.max_file_bytes
+        limit = self.settings.max_input_bytes + 3 * self.settings.max_file_bytes
         return cls(spec, kind_module, max_input_bytes=limit)
 
     # ----- resolving ---------------------------------------------------------------------
