@@ -20,6 +20,7 @@
     ├── OutOfMemory (out_of_memory)
     ├── NoCapacity (no_capacity)
     ├── InferenceError (inference_failed)
+    │   └── InvalidOutput (invalid_output)
     ├── JobTimeout (timeout)
     ├── JobStoreError (store_unavailable)
     └── WebhookDeliveryError (webhook_failed)
@@ -154,6 +155,13 @@ class InferenceError(FusionError):
     """The model raised while running the job."""
 
     code = "inference_failed"
+
+
+class InvalidOutput(InferenceError):
+    """The model's output breaks the job's constraints: a tool call that does not parse, JSON
+    that does not match ``response_format``."""
+
+    code = "invalid_output"
 
 
 class JobTimeout(FusionError):
