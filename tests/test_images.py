@@ -42,7 +42,7 @@ from mlx_fusion.jobs.inputs.image import fit_size, parse_size
 from mlx_fusion.jobs.store import JobStore, utcnow
 from mlx_fusion.registry import Catalog, ModelRegistry
 from mlx_fusion.registry.catalog import ModelKind, ModelSpec
-from mlx_fusion.registry.kinds import image
+from mlx_fusion.registry.kinds import image, image_families
 from mlx_fusion.runner import JobRunner
 from mlx_fusion.worker import FusionWorker
 
@@ -543,7 +543,7 @@ def test_every_mflux_name_the_adapter_uses_exists_with_that_signature(tmp_path: 
         quantize_bits=4,
         adapter_path=tmp_path / "lora.safetensors",
     )
-    for family in image.FAMILIES.values():
+    for family in image_families.FAMILIES.values():
         cls = image.pipeline_class(family)
         config = image.model_config(family)
         assert type(config).__name__ == image.MODEL_CONFIG[1], family.id
@@ -578,7 +578,7 @@ def test_every_mflux_name_the_adapter_uses_exists_with_that_signature(tmp_path: 
     picture_ = Image.new("RGB", (16, 16))
     made = generated_cls(
         image=picture_,
-        model_config=image.model_config(image.FAMILIES["flux1-schnell"]),
+        model_config=image.model_config(image_families.FAMILIES["flux1-schnell"]),
         seed=1,
         prompt="p",
         steps=1,
@@ -593,7 +593,7 @@ def test_every_mflux_name_the_adapter_uses_exists_with_that_signature(tmp_path: 
 def test_the_stub_refuses_a_parameter_mflux_lacks(tmp_path: Path) -> None:
     pytest.importorskip("mflux")
     spec = ModelSpec(id="m", kind=ModelKind.IMAGE_GENERATION, path=tmp_path)
-    stub = image_stub.StubPipeline(image.FAMILIES["flux1-kontext"], spec)
+    stub = image_stub.StubPipeline(image_families.FAMILIES["flux1-kontext"], spec)
     with pytest.raises(TypeError, match="masked_image_path"):
         stub.generate_image(
             **image.generate_kwargs(
@@ -631,7 +631,9 @@ def test_the_stub_refuses_a_parameter_mflux_lacks(tmp_path: Path) -> None:
 def test_family_is_read_from_the_model_directory(
     tmp_path: Path, name: str, pipeline: str | None, transformer: Any, family: str
 ) -> None:
-    assert image.detect_family(model_dir(tmp_path, name, pipeline, transformer)).id == family
+    assert (
+        image_families.detect_family(model_dir(tmp_path, name, pipeline, transformer)).id == family
+    )
 
 
 def test_family_of_a_hugging_face_cache_snapshot_comes_from_the_repository_name(
@@ -639,7 +641,7 @@ def test_family_of_a_hugging_face_cache_snapshot_comes_from_the_repository_name(
 ) -> None:
     repo = tmp_path / "models--black-forest-labs--FLUX.1-Kontext-dev" / "snapshots"
     path = model_dir(repo, "0123abcd", None, flux_transformer(guidance=True))
-    assert image.detect_family(path).id == "flux1-kontext"
+    assert image_families.detect_family(path).id == "flux1-kontext"
 
 
 @pytest.mark.parametrize(
@@ -650,7 +652,7 @@ def test_an_undecidable_directory_fails_to_load_with_the_reason(
     tmp_path: Path, name: str, words: str
 ) -> None:
     with pytest.raises(ModelLoadError, match=words):
-        image.detect_family(model_dir(tmp_path, name))
+        image_families.detect_family(model_dir(tmp_path, name))
 
 
 def test_size_rules() -> None:

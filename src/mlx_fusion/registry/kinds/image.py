@@ -25,9 +25,7 @@ import base64
 import binascii
 import importlib
 import io
-import json
 import os
-import re
 import secrets
 import sys
 import tempfile
@@ -56,6 +54,7 @@ from mlx_fusion.jobs.inputs.image import (
     fit_size,
 )
 from mlx_fusion.registry.catalog import ModelKind, ModelSpec
+from mlx_fusion.registry.kinds.image_families import EditMode, Family, detect_family
 
 JOB_KINDS = frozenset({Kind.IMAGE_GENERATION, Kind.IMAGE_EDIT})
 """The job kinds image models run (which one a given model takes: see ``check_job``)."""
@@ -65,11 +64,6 @@ MAX_INPUT_SIDE = 8192
 DEFAULT_IMAGE_STRENGTH = 0.4
 """Image-to-image: share of the input image kept when the job names none (mflux's default)."""
 _NO_LIMIT = 1 << 62  # in the model process: the worker already enforced the size limits
-
-EditMode = Literal["img2img", "reference", "inpaint", "references"]
-"""How a family takes an edit's input image: ``img2img`` (a generation model starting from the
-image, ``image_strength``), ``reference`` (Kontext: one conditioning image), ``inpaint`` (Fill:
-image and mask), ``references`` (Qwen-Image-Edit: a list of images)."""
 
 # ----- the mflux API: every mflux name this module uses ------------------------------------------
 
@@ -91,53 +85,6 @@ GENERATE_PARAMS: Mapping[str, tuple[str, ...]] = {
 (``generate_kwargs``)."""
 QUANTIZE_BITS = (3, 4, 5, 6, 8)
 """The quantization widths mflux offers."""
-
-
-@dataclass(frozen=True)
-class Family:
-    """An mflux model family: how to load it and how to call it."""
-
-    id: str
-    title: str
-    module: str
-    cls: str
-    config: str
-    """The ``ModelConfig`` static method that describes it."""
-    edit: EditMode
-    generates: bool
-    """Makes images from text alone (else it only edits)."""
-    steps: int
-    guidance: float | None
-    """Default guidance; None leaves mflux's own (guidance-distilled families ignore it)."""
-
-
-_FLUX = "mflux.models.flux.variants"
-_QWEN = "mflux.models.qwen.variants"
-_ZIMAGE = "mflux.models.z_image.variants.z_image"
-
-FAMILIES: dict[str, Family] = {
-    f.id: f
-    for f in (
-        Family("flux1-schnell", "FLUX.1 schnell", f"{_FLUX}.txt2img.flux", "Flux1", "schnell",
-               "img2img", True, 4, None),
-        Family("flux1-dev", "FLUX.1 dev", f"{_FLUX}.txt2img.flux", "Flux1", "dev",
-               "img2img", True, 25, 3.5),
-        Family("flux1-kontext", "FLUX.1 Kontext", f"{_FLUX}.kontext.flux_kontext", "Flux1Kontext",
-               "dev_kontext", "reference", False, 25, 2.5),
-        Family("flux1-fill", "FLUX.1 Fill", f"{_FLUX}.fill.flux_fill", "Flux1Fill", "dev_fill",
-               "inpaint", False, 25, 30.0),
-        Family("qwen-image", "Qwen-Image", f"{_QWEN}.txt2img.qwen_image", "QwenImage",
-               "qwen_image", "img2img", True, 20, 3.5),
-        Family("qwen-image-edit", "Qwen-Image-Edit", f"{_QWEN}.edit.qwen_image_edit",
-               "QwenImageEdit", "qwen_image_edit", "references", False, 20, 2.5),
-        Family("qwen-image-edit-2511", "Qwen-Image-Edit-2511", f"{_QWEN}.edit.qwen_image_edit",
-               "QwenImageEdit", "qwen_image_edit_2511", "references", False, 20, 2.5),
-        Family("z-image-turbo", "Z-Image Turbo", _ZIMAGE, "ZImage", "z_image_turbo",
-               "img2img", True, 9, None),
-        Family("z-image", "Z-Image", _ZIMAGE, "ZImage", "z_image", "img2img", True, 50, None),
-    )
-}  # fmt: skip
-"""The families this version runs, by id (defaults: mflux's own command-line defaults)."""
 
 
 def pipeline_class(family: Family) -> Any:
@@ -192,112 +139,6 @@ def generate_kwargs(
     }
     names = GENERATE_PARAMS["text"] + (GENERATE_PARAMS[mode] if mode != "text" else ())
     return {name: values[name] for name in names if name != "guidance" or guidance is not None}
-
-
-# ----- which family a model directory holds ------------------------------------------------------
-
-PIPELINE_CLASSES = {
-    "FluxPipeline": "flux1",
-    "FluxImg2ImgPipeline": "flux1",
-    "FluxKontextPipeline": "flux1-kontext",
-    "FluxFillPipeline": "flux1-fill",
-    "QwenImagePipeline": "qwen-image",
-    "QwenImageImg2ImgPipeline": "qwen-image",
-    "QwenImageEditPipeline": "qwen-image-edit",
-    "QwenImageEditPlusPipeline": "qwen-image-edit",
-    "ZImagePipeline": "z-image",
-}
-"""``_class_name`` of a diffusers ``model_index.json`` -> architecture."""
-TRANSFORMER_CLASSES = {
-    "FluxTransformer2DModel": "flux1",
-    "QwenImageTransformer2DModel": "qwen-image",
-    "ZImageTransformer2DModel": "z-image",
-}
-"""``_class_name`` of ``transformer/config.json`` (snapshots mflux downloaded have no
-``model_index.json``) -> architecture."""
-FILL_IN_CHANNELS = 384
-"""``in_channels`` of FLUX.1 Fill's transformer (64 for the other FLUX.1 models)."""
-_HF_CACHE_DIR = re.compile(r"^models--[^-].*?--(?P<name>.+)$")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def model_name(model_dir: Path) -> str:
-    """The name that describes a model directory, lower-case: its own name, or for a Hugging Face
-    cache snapshot (``models--ORG--NAME/snapshots/REV``) the repository's NAME."""
-    if model_dir.parent.name == "snapshots":
-        match = _HF_CACHE_DIR.match(model_dir.parent.parent.name)
-        if match:
-            return match.group("name").lower()
-    return model_dir.name.lower()
-
-
-def _architecture(pipeline: Any, transformer: Any, name: str) -> str | None:
-    if isinstance(pipeline, str) and pipeline in PIPELINE_CLASSES:
-        return PIPELINE_CLASSES[pipeline]
-    if isinstance(transformer, str) and transformer in TRANSFORMER_CLASSES:
-        return TRANSFORMER_CLASSES[transformer]
-    if "qwen" in name:
-        return "qwen-image"
-    if re.search(r"z[-_]?image", name):
-        return "z-image"
-    if "flux" in name or "schnell" in name or "kontext" in name:
-        return "flux1"
-    return None
-
-
-def detect_family(model_dir: Path) -> Family:
-    """The family of a model directory (the rule is in docs/kinds/images.md):
-
-    1. the architecture: ``model_index.json``'s pipeline class, else ``transformer/config.json``'s
-       class, else the name (``qwen``, ``z-image``, ``flux``/``schnell``/``kontext``);
-    2. the variant, from the transformer config where it decides (Fill's 384 input channels;
-       schnell has no guidance embedding) and from the name (``kontext``, ``fill``, ``edit``,
-       ``2511``, ``turbo``, ``schnell``, ``dev``).
-
-    ``ModelLoadError`` when the directory does not say enough.
-    """
-    index = _read_json(model_dir / "model_index.json")
-    transformer = _read_json(model_dir / "transformer" / "config.json")
-    name = model_name(model_dir)
-    pipeline = index.get("_class_name")
-    arch = _architecture(pipeline, transformer.get("_class_name"), name)
-    family: str | None = None
-    if arch == "flux1":
-        guidance_embeds = transformer.get("guidance_embeds")
-        if transformer.get("in_channels") == FILL_IN_CHANNELS or "fill" in name:
-            family = "flux1-fill"
-        elif "kontext" in name:
-            family = "flux1-kontext"
-        elif guidance_embeds is False or (guidance_embeds is None and "schnell" in name):
-            family = "flux1-schnell"
-        elif guidance_embeds is True or "dev" in name or "krea" in name:
-            family = "flux1-dev"
-    elif arch in ("flux1-kontext", "flux1-fill"):
-        family = arch
-    elif arch in ("qwen-image", "qwen-image-edit"):
-        edit = arch == "qwen-image-edit" or "edit" in name
-        if edit and ("2511" in name or transformer.get("zero_cond_t") is True):
-            family = "qwen-image-edit-2511"
-        else:
-            family = "qwen-image-edit" if edit else "qwen-image"
-    elif arch == "z-image":
-        family = "z-image-turbo" if "turbo" in name else "z-image"
-    if family is None:
-        found = f"model_index.json class {pipeline!r}" if pipeline else "no model_index.json"
-        what = "FLUX.1 schnell from dev" if arch == "flux1" else "which mflux model family it is"
-        raise ModelLoadError(
-            f"{model_dir}: cannot tell {what} ({found}, name {name!r}); use the model's "
-            "Hugging Face directory, or name the directory after the model (e.g. "
-            "'FLUX.1-schnell-4bit'); known families: " + ", ".join(FAMILIES)
-        )
-    return FAMILIES[family]
 
 
 # ----- loading (model process) -------------------------------------------------------------------
