@@ -77,6 +77,35 @@ class TextPart(_Strict):
     text: str
 
 
+class ImageUrl(_Strict):
+    """Where an image part's image is: a ``data:image/...;base64,`` URL, or ``file:<path>`` naming
+    a file under the worker's input folder (read by the worker, never by the model process).
+    ``http(s)`` URLs are refused: remote images are not fetched. The URL is checked by the kind
+    that runs the job (``vlm``'s ``prepare``), so its error names the exact part."""
+
+    url: Annotated[str, Field(min_length=1)]
+    detail: Literal["auto", "low", "high"] = "auto"
+
+    def file_ref(self) -> str | None:
+        """The path of a ``file:`` reference (``file:a.png``, ``file:///abs/a.png``), else None."""
+        if not self.url.lower().startswith("file:"):
+            return None
+        ref = self.url[len("file:") :]
+        return ref[2:] if ref.startswith("//") else ref
+
+
+class ImagePart(_Strict):
+    """An image part of a multi-part message content (OpenAI ``image_url``); only models of
+    catalog kind ``vlm`` take them."""
+
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+"""One part of a multi-part message content."""
+
+
 class FunctionCall(_Strict):
     """The function an assistant message called: its name and its arguments as a JSON string."""
 
@@ -109,14 +138,14 @@ class ToolCall(_Strict):
 
 
 class ChatMessage(_Strict):
-    """One chat message; content is a string or a list of text parts.
+    """One chat message; content is a string or a list of text and image parts.
 
     An ``assistant`` message may carry ``tool_calls`` (and then omit ``content``); a ``tool``
     message answers one of them and must name it in ``tool_call_id``.
     """
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: Annotated[list[ToolCall], Field(min_length=1)] | None = None
     tool_call_id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
@@ -141,7 +170,13 @@ class ChatMessage(_Strict):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text for part in self.content if isinstance(part, TextPart))
+
+    def images(self) -> list[tuple[int, ImagePart]]:
+        """The image parts of the content with their indexes in it."""
+        if not isinstance(self.content, list):
+            return []
+        return [(i, part) for i, part in enumerate(self.content) if isinstance(part, ImagePart)]
 
     def template_dict(self) -> dict[str, Any]:
         """The message as chat templates expect it (``developer`` shown as ``system``,

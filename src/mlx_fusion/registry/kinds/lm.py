@@ -130,8 +130,16 @@ def _check_schema(job_input: Any) -> None:
 
 
 def prepare(job: Job, settings: Settings) -> Job:
-    """Refuse, before the job runs, a ``json_schema`` using keywords this kind cannot check."""
+    """Refuse, before the job runs, a ``json_schema`` using keywords this kind cannot check, and
+    image parts (a text-only model cannot see them)."""
     _check_schema(job.input)
+    if isinstance(job.input, ChatCompletionInput):
+        for n, message in enumerate(job.input.messages):
+            for m, _ in message.images()[:1]:
+                raise InvalidInput(
+                    "this model is text-only (catalog kind lm); send images to a vlm model",
+                    field=f"input.messages.{n}.content.{m}",
+                )
     return job
 
 
