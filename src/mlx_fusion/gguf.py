@@ -15,16 +15,13 @@ MLX and ``tokenizers`` are imported lazily, so this module imports without the `
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from mlx_fusion.model_dirs import building, remove_stale_leftovers, write_json
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -49,7 +46,6 @@ MARKER_NAME = ".mlx-fusion-converted.json"
 CONVERTER_VERSION = 1
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
-_STALE_AFTER_S = 600  # leftovers of a killed conversion (one takes about a second) older than this
 _GGUF_GROUP_SIZE = 32  # every GGUF block type MLX loads (Q4_0, Q4_1, Q8_0) has 32-wide blocks
 _TOP_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -219,11 +215,7 @@ def _write_tokenizer(metadata: dict[str, Any], out: Path) -> None:
     }
     if (template := metadata.get("tokenizer.chat_template")) is not None:
         tokenizer_config["chat_template"] = str(template)
-    _write_json(out / "tokenizer_config.json", tokenizer_config)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(out / "tokenizer_config.json", tokenizer_config)
 
 
 def default_dtype() -> str:
@@ -298,43 +290,12 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, dtype: str | None = None) ->
         weights[_rename(name)] = value
     config = _model_config(metadata, weights)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
+    with building(out_dir) as tmp:
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-        _write_json(tmp / "config.json", config)
+        write_json(tmp / "config.json", config)
         _write_tokenizer(metadata, tmp)
-        _write_json(tmp / MARKER_NAME, _source_stamp(gguf_path, dtype))
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / MARKER_NAME, _source_stamp(gguf_path, dtype))
     return out_dir
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move directory ``src`` to ``dst``, replacing any existing ``dst`` (an old one is first
-    renamed aside, so ``dst`` is never a partially-written directory)."""
-    old: Path | None = None
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        os.replace(dst, old / dst.name)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _remove_stale_leftovers(out_dir: Path) -> None:
-    """Delete the temp directories a killed conversion into ``out_dir`` left beside it."""
-    if not out_dir.parent.is_dir():
-        return
-    now = time.time()
-    for kind in ("tmp", "old"):
-        for path in out_dir.parent.glob(f".{out_dir.name}.{kind}-*"):
-            with contextlib.suppress(OSError):
-                if path.is_dir() and now - path.stat().st_mtime > _STALE_AFTER_S:
-                    shutil.rmtree(path, ignore_errors=True)
 
 
 def ensure_smollm2(cache_dir: Path, *, dtype: str | None = None) -> Path:
@@ -350,7 +311,7 @@ def ensure_smollm2(cache_dir: Path, *, dtype: str | None = None) -> Path:
     out_dir = Path(cache_dir) / SMOLLM2_DIR_NAME
     if is_converted(out_dir, gguf_path, dtype):
         return out_dir
-    _remove_stale_leftovers(out_dir)
+    remove_stale_leftovers(out_dir)
     try:
         return convert_gguf(gguf_path, out_dir, dtype=dtype)
     except OSError:
