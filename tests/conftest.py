@@ -140,14 +140,7 @@ def catalog_path(tmp_path: Path, tiny_model_dir: Path) -> Path:
 
 @pytest.fixture
 def settings(tmp_path: Path, redis_url: str, catalog_path: Path) -> Settings:
-    return Settings(
-        redis_url=redis_url,
-        mongo_url="mongomock://",
-        data_dir=tmp_path / "data",
-        catalog_path=catalog_path,
-        heartbeat_interval_s=0.5,
-        _env_file=None,  # type: ignore[call-arg]
-    )
+    return worker_settings(redis_url, tmp_path / "data", catalog_path)
 
 
 STORE_BACKENDS = ["mongomock", "montydb"] + (
@@ -184,18 +177,41 @@ def store(tmp_path: Path) -> JobStore:
     return make_store("mongomock", tmp_path)
 
 
-@pytest.fixture
-def make_worker(settings: Settings, redis: Redis, store: JobStore) -> Callable[..., Any]:
-    """Build a FusionWorker on the test Redis and store; ``kinds`` replaces the kind modules."""
+def worker_settings(redis_url: str, data_dir: Path, catalog: Path, **extra: Any) -> Settings:
+    """Settings of a test worker: this Redis, mongomock, short heartbeats, no .env file."""
+    return Settings(
+        redis_url=redis_url,
+        mongo_url="mongomock://",
+        data_dir=data_dir,
+        catalog_path=catalog,
+        heartbeat_interval_s=0.5,
+        _env_file=None,  # type: ignore[call-arg]
+        **extra,
+    )
+
+
+def build_worker(
+    settings: Settings, redis: Redis, store: JobStore, kinds: Mapping[Any, Any] | None = None
+) -> Any:
+    """A FusionWorker on ``redis`` and ``store``; ``kinds`` replaces the kind modules."""
     from mlx_fusion.registry import Catalog, ModelRegistry
     from mlx_fusion.registry.kinds import KINDS
     from mlx_fusion.runner import JobRunner
     from mlx_fusion.worker import FusionWorker
 
-    def build(kinds: Mapping[Any, Any] = KINDS, **overrides: Any) -> FusionWorker:
+    registry = ModelRegistry(Catalog.load(settings.catalog_path), settings, kinds=kinds or KINDS)
+    return FusionWorker(
+        settings=settings, connection=redis, runner=JobRunner(settings, store, registry)
+    )
+
+
+@pytest.fixture
+def make_worker(settings: Settings, redis: Redis, store: JobStore) -> Callable[..., Any]:
+    """Build a FusionWorker on the test Redis and store; ``kinds`` replaces the kind modules."""
+
+    def build(kinds: Mapping[Any, Any] | None = None, **overrides: Any) -> Any:
         s = settings.model_copy(update=overrides) if overrides else settings
-        registry = ModelRegistry(Catalog.load(s.catalog_path), s, kinds=kinds)
-        return FusionWorker(settings=s, connection=redis, runner=JobRunner(s, store, registry))
+        return build_worker(s, redis, store, kinds)
 
     return build
 

@@ -12,18 +12,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import make_store, write_catalog
+from conftest import build_worker, make_store, worker_settings, write_catalog
 from redis import Redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
 from mlx_fusion.client import Client
-from mlx_fusion.config import Settings
 from mlx_fusion.defaults import JOB_FUNCTION
-from mlx_fusion.registry import Catalog, ModelRegistry
 from mlx_fusion.registry.kinds.embeddings import BATCH_SIZE, batches, minilm_dir
-from mlx_fusion.runner import JobRunner
-from mlx_fusion.worker import FusionWorker
 
 pytestmark = pytest.mark.slow
 
@@ -81,14 +77,7 @@ def records(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         pytest.skip(str(e))
     tmp = tmp_path_factory.mktemp("embeddings")
     catalog = write_catalog(tmp / "models.toml", {MODEL: {"kind": "embeddings", "path": model_dir}})
-    settings = Settings(
-        redis_url=redis_url,
-        mongo_url="mongomock://",
-        data_dir=tmp / "data",
-        catalog_path=catalog,
-        heartbeat_interval_s=0.5,
-        _env_file=None,  # type: ignore[call-arg]
-    )
+    settings = worker_settings(redis_url, tmp / "data", catalog)
     redis = Redis.from_url(redis_url)
     redis.flushdb()
     store = make_store("mongomock", tmp)
@@ -102,10 +91,7 @@ def records(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     client.submit({"id": "chat", "kind": "chat.completion", "model": MODEL, "input": chat})
     client.submit(embedding_job("chat-next", {"input": "next"}))
 
-    registry = ModelRegistry(Catalog.load(catalog), settings)
-    worker = FusionWorker(
-        settings=settings, connection=redis, runner=JobRunner(settings, store, registry)
-    )
+    worker = build_worker(settings, redis, store)
     worker.work(burst=True)
     names = [*GOOD_JOBS, *BAD_INPUTS, *(f"{n}-next" for n in BAD_INPUTS), "chat", "chat-next"]
     yield {name: client.get(name) for name in names}

@@ -28,22 +28,19 @@ from typing import Any
 
 import image_stub
 import pytest
-from conftest import make_store, write_catalog
+from conftest import build_worker, make_store, worker_settings, write_catalog
 from PIL import Image
 from redis import Redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
 from mlx_fusion.client import Client
-from mlx_fusion.config import Settings
 from mlx_fusion.defaults import JOB_FUNCTION
 from mlx_fusion.errors import FusionError, ModelLoadError
 from mlx_fusion.jobs.inputs.image import fit_size, parse_size
 from mlx_fusion.jobs.store import JobStore, utcnow
-from mlx_fusion.registry import Catalog, ModelRegistry
 from mlx_fusion.registry.catalog import ModelKind, ModelSpec
 from mlx_fusion.registry.kinds import image, image_families
-from mlx_fusion.runner import JobRunner
 from mlx_fusion.worker import FusionWorker
 
 STUB_KINDS = {ModelKind.IMAGE_GENERATION: image_stub, ModelKind.IMAGE_EDIT: image_stub}
@@ -310,15 +307,7 @@ def run(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ru
     (inputs / "masks" / "mask.png").write_bytes(MASK)
     (inputs / "pic.jpg").write_bytes(picture(JPEG_SIZE, PHOTO_COLOUR, fmt="JPEG"))
     (tmp / "secret.png").write_bytes(PHOTO)
-    settings = Settings(
-        redis_url=redis_url,
-        mongo_url="mongomock://",
-        data_dir=tmp / "data",
-        catalog_path=stub_catalog(tmp),
-        input_dir=inputs,
-        heartbeat_interval_s=0.5,
-        _env_file=None,  # type: ignore[call-arg]
-    )
+    settings = worker_settings(redis_url, tmp / "data", stub_catalog(tmp), input_dir=inputs)
     redis = Redis.from_url(redis_url)
     redis.flushdb()
     store = make_store("mongomock", tmp)
@@ -328,10 +317,7 @@ def run(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ru
     for name, (kind, model, body, next_kind, next_model, next_body) in BAD_JOBS.items():
         enqueue_raw(redis, job(name, kind, model, body))
         client.submit(job(f"{name}-next", next_kind, next_model, next_body))
-    registry = ModelRegistry(Catalog.load(settings.catalog_path), settings, kinds=STUB_KINDS)
-    worker = FusionWorker(
-        settings=settings, connection=redis, runner=JobRunner(settings, store, registry)
-    )
+    worker = build_worker(settings, redis, store, STUB_KINDS)
     worker.work(burst=True)
     yield Run(client, store)
     redis.flushdb()

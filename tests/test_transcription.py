@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, _cache_dir, make_store, write_catalog
+from conftest import REPO, _cache_dir, build_worker, make_store, worker_settings, write_catalog
 from redis import Redis
 from rq import Queue
 from rq.serializers import JSONSerializer
@@ -83,8 +83,6 @@ def run(
     """Submit every job, run one worker in burst mode, return the records (module-scoped: the
     conftest ``client`` / ``make_worker`` fixtures are per test, and built the same way here)."""
     from mlx_fusion.client import Client
-    from mlx_fusion.registry import Catalog, ModelRegistry
-    from mlx_fusion.runner import JobRunner
     from mlx_fusion.worker import FusionWorker
 
     tmp = tmp_path_factory.mktemp("transcription")
@@ -95,15 +93,7 @@ def run(
     shutil.copy(speech_wav, outside)
     (inputs / "link.wav").symlink_to(outside)
     catalog = write_catalog(tmp / "models.toml", {MODEL: {"kind": "whisper", "path": whisper_dir}})
-    settings = Settings(
-        redis_url=redis_url,
-        mongo_url="mongomock://",
-        data_dir=tmp / "data",
-        catalog_path=catalog,
-        input_dir=inputs,
-        heartbeat_interval_s=0.5,
-        _env_file=None,  # type: ignore[call-arg]
-    )
+    settings = worker_settings(redis_url, tmp / "data", catalog, input_dir=inputs)
     redis = Redis.from_url(redis_url)
     redis.flushdb()
     store = make_store("mongomock", tmp)
@@ -161,8 +151,7 @@ def run(
             _enqueue_raw(redis, ids[name], document)
 
     def worker(s: Settings) -> FusionWorker:
-        registry = ModelRegistry(Catalog.load(s.catalog_path), s)
-        return FusionWorker(settings=s, connection=redis, runner=JobRunner(s, store, registry))
+        return build_worker(s, redis, store)
 
     worker(settings).work(burst=True)
     # a worker with no input folder refuses every file reference (and never loads the model)

@@ -12,16 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_store, write_catalog
+from conftest import build_worker, make_store, worker_settings, write_catalog
 from redis import Redis
 from tiny_models import build_tiny_llama
 from tiny_vlm import build_tiny_llava
 
 from mlx_fusion.client import Client
 from mlx_fusion.config import Settings
-from mlx_fusion.registry import Catalog, ModelRegistry
-from mlx_fusion.runner import JobRunner
-from mlx_fusion.worker import FusionWorker
 
 VLM = "tiny-vlm"
 LM = "tiny-lm"
@@ -75,15 +72,7 @@ def records(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         tmp / "models.toml",
         {VLM: {"kind": "vlm", "path": vlm_dir}, LM: {"kind": "lm", "path": lm_dir}},
     )
-    settings = Settings(
-        redis_url=redis_url,
-        mongo_url="mongomock://",
-        data_dir=tmp / "data",
-        catalog_path=catalog,
-        input_dir=input_dir,
-        heartbeat_interval_s=0.5,
-        _env_file=None,  # type: ignore[call-arg]
-    )
+    settings = worker_settings(redis_url, tmp / "data", catalog, input_dir=input_dir)
     redis = Redis.from_url(redis_url)
     redis.flushdb()
     store = make_store("mongomock", tmp)
@@ -96,10 +85,7 @@ def records(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     for name, (model, body) in BAD_JOBS.items():
         client.submit(chat_job(name, model, body))
         client.submit(chat_job(f"{name}-next", VLM, image_chat(url, **GOOD)))
-    registry = ModelRegistry(Catalog.load(catalog), settings)
-    worker = FusionWorker(
-        settings=settings, connection=redis, runner=JobRunner(settings, store, registry)
-    )
+    worker = build_worker(settings, redis, store)
     worker.work(burst=True)
     names = ["image", "length", "stop", "file", *BAD_JOBS, *(f"{n}-next" for n in BAD_JOBS)]
     yield {name: client.get(name) for name in names}
