@@ -84,6 +84,15 @@ class Generation:
     logprobs: list[TokenLogprob] | None = None
     """Per token of ``text``, when asked for."""
 
+    def metrics(self) -> dict[str, Any]:
+        """The job metrics of this generation."""
+        return {
+            "inference_ms": self.inference_ms,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "tokens_per_s": self.tokens_per_s,
+        }
+
 
 @dataclass(frozen=True)
 class ChatPlan:
@@ -424,10 +433,4 @@ def run(lm: LoadedLM, job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
         prompt = [int(t) for t in lm.tokenizer.encode(job_input.prompt_text())]
         gen = generate(lm, job_input, prompt, job_input.token_limit(lm.spec.default_max_tokens))
         result = completion_object(job, lm.spec.id, gen, created=int(time.time()))
-    metrics = {
-        "inference_ms": gen.inference_ms,
-        "prompt_tokens": gen.prompt_tokens,
-        "completion_tokens": gen.completion_tokens,
-        "tokens_per_s": gen.tokens_per_s,
-    }
-    return result, metrics
+    return result, gen.metrics()

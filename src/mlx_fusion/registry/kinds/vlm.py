@@ -266,10 +266,4 @@ def run(vlm: LoadedVLM, job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
         )
     gen = generate(vlm, job_input)
     result = completion_object(job, vlm.spec.id, gen, created=int(time.time()))
-    metrics = {
-        "inference_ms": gen.inference_ms,
-        "prompt_tokens": gen.prompt_tokens,
-        "completion_tokens": gen.completion_tokens,
-        "tokens_per_s": gen.tokens_per_s,
-    }
-    return result, metrics
+    return result, gen.metrics()
