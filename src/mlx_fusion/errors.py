@@ -23,7 +23,9 @@
     │   └── InvalidOutput (invalid_output)
     ├── JobTimeout (timeout)
     ├── JobStoreError (store_unavailable)
-    └── WebhookDeliveryError (webhook_failed)
+    ├── WebhookDeliveryError (webhook_failed)
+    │   └── WebhookTargetRefused (webhook_target_refused)
+    └── WebhookVerificationError (webhook_invalid_signature)
 """
 
 from __future__ import annotations
@@ -180,6 +182,20 @@ class WebhookDeliveryError(FusionError):
     """A completion webhook could not be delivered."""
 
     code = "webhook_failed"
+
+
+class WebhookTargetRefused(WebhookDeliveryError):
+    """The webhook URL is not http(s), or its host resolves to an address that is not public and
+    not admitted by the allow-list. Retrying cannot help."""
+
+    code = "webhook_target_refused"
+
+
+class WebhookVerificationError(FusionError):
+    """(Receiver side) a webhook failed verification: missing headers, a timestamp outside the
+    tolerance, or no signature that matches a known secret."""
+
+    code = "webhook_invalid_signature"
 
 
 def _subclasses(cls: type[FusionError]) -> list[type[FusionError]]:
