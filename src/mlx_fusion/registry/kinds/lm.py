@@ -191,7 +191,9 @@ def _constraints(lm: LoadedLM, job_input: ChatCompletionInput, plan: ChatPlan) -
     return []
 
 
-def _earliest_stop(text: str, stops: list[str], search_from: int) -> tuple[int, str | None]:
+def earliest_stop(text: str, stops: list[str], search_from: int) -> tuple[int, str | None]:
+    """(index, sequence) of the first stop sequence in ``text`` at or after ``search_from``, or
+    (-1, None); callers search only the tail a new segment can have completed."""
     hits = [(i, s) for s in stops if (i := text.find(s, search_from)) >= 0]
     return min(hits) if hits else (-1, None)
 
@@ -273,7 +275,7 @@ def generate(
         generated = response.generation_tokens
         tps = response.generation_tps
         if stops:
-            cut, stopped_by = _earliest_stop(text, stops, search_from)
+            cut, stopped_by = earliest_stop(text, stops, search_from)
             if stopped_by is not None:
                 if entries:
                     entries = _logprobs_of_text(lm, entries, text[:cut], text)

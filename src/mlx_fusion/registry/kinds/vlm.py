@@ -25,7 +25,7 @@ from mlx_fusion.jobs.files import decode_data_url, read_input_file
 from mlx_fusion.jobs.inputs import ChatCompletionInput
 from mlx_fusion.jobs.inputs.text import ImagePart
 from mlx_fusion.registry.catalog import ModelSpec
-from mlx_fusion.registry.kinds.lm import Generation, completion_object
+from mlx_fusion.registry.kinds.lm import Generation, completion_object, earliest_stop
 
 if TYPE_CHECKING:
     from mlx_fusion.config import Settings
@@ -210,6 +210,7 @@ def generate(vlm: LoadedVLM, job_input: ChatCompletionInput) -> Generation:
     if job_input.seed is not None:
         mx.random.seed(job_input.seed)
     stops = job_input.stop_sequences()
+    longest_stop = max((len(s) for s in stops), default=0)
     sampling: dict[str, Any] = {
         "temperature": job_input.temperature,
         "top_p": job_input.top_p,
@@ -234,14 +235,15 @@ def generate(vlm: LoadedVLM, job_input: ChatCompletionInput) -> Generation:
         max_tokens=job_input.token_limit(vlm.spec.default_max_tokens),
         **sampling,
     ):
+        search_from = max(0, len(text) - longest_stop)
         text += response.text
         completion_tokens = max(completion_tokens, response.generation_tokens)
         prompt_tokens = response.prompt_tokens or prompt_tokens
         if response.finish_reason is not None:
             finish_reason = "stop" if response.finish_reason == "stop" else "length"
-        hits = [i for s in stops if (i := text.find(s)) >= 0]
-        if hits:
-            text = text[: min(hits)]
+        cut, _ = earliest_stop(text, stops, search_from)
+        if cut >= 0:
+            text = text[:cut]
             finish_reason = "stop"
             break
     elapsed_s = time.perf_counter() - start
