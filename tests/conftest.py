@@ -112,6 +112,27 @@ def run_python(
     )
 
 
+def completed(records: dict[str, Any], name: str) -> dict[str, Any]:
+    """The result of the job ``name`` in a module's final records, asserting it completed."""
+    doc = records[name]
+    assert doc["status"] == "completed", doc.get("error")
+    result: dict[str, Any] = doc["result"]
+    return result
+
+
+def assert_failed_then_next_completed(
+    records: dict[str, Any], name: str, code: str, field: str
+) -> str:
+    """Assert job ``name`` failed with ``code`` on ``field`` and ``name-next`` completed after it;
+    returns the error message."""
+    doc = records[name]
+    assert doc["status"] == "failed", doc
+    assert doc["error"]["code"] == code and doc["error"]["field"] == field, doc["error"]
+    completed(records, f"{name}-next")
+    message: str = doc["error"]["message"]
+    return message
+
+
 def write_catalog(path: Path, models: Mapping[str, Mapping[str, Any]]) -> Path:
     lines = []
     for model_id, entry in models.items():

@@ -12,7 +12,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import build_worker, make_store, worker_settings, write_catalog
+from conftest import (
+    assert_failed_then_next_completed,
+    build_worker,
+    completed,
+    make_store,
+    worker_settings,
+    write_catalog,
+)
 from redis import Redis
 from rq import Queue
 from rq.serializers import JSONSerializer
@@ -98,30 +105,12 @@ def records(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     redis.flushdb()
 
 
-def completed(records: dict[str, Any], name: str) -> dict[str, Any]:
-    doc = records[name]
-    assert doc["status"] == "completed", doc.get("error")
-    result: dict[str, Any] = doc["result"]
-    return result
-
-
 def vectors(result: dict[str, Any]) -> np.ndarray:
     return np.array([item["embedding"] for item in result["data"]], dtype=np.float64)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
-def assert_failed_then_next_completed(
-    records: dict[str, Any], name: str, code: str, field: str
-) -> str:
-    doc = records[name]
-    assert doc["status"] == "failed", doc
-    assert doc["error"]["code"] == code and doc["error"]["field"] == field, doc["error"]
-    completed(records, f"{name}-next")
-    message: str = doc["error"]["message"]
-    return message
 
 
 def test_embedding_job_returns_an_openai_list_with_usage_and_metrics(

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import build_worker, make_store, worker_settings, write_catalog
+from conftest import (
+    assert_failed_then_next_completed,
+    build_worker,
+    completed,
+    make_store,
+    worker_settings,
+    write_catalog,
+)
 from redis import Redis
 from tiny_models import build_tiny_llama
 from tiny_vlm import build_tiny_llava
@@ -90,24 +97,6 @@ def records(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     names = ["image", "length", "stop", "file", *BAD_JOBS, *(f"{n}-next" for n in BAD_JOBS)]
     yield {name: client.get(name) for name in names}
     redis.flushdb()
-
-
-def completed(records: dict[str, Any], name: str) -> dict[str, Any]:
-    doc = records[name]
-    assert doc["status"] == "completed", doc.get("error")
-    result: dict[str, Any] = doc["result"]
-    return result
-
-
-def assert_failed_then_next_completed(
-    records: dict[str, Any], name: str, code: str, field: str
-) -> str:
-    doc = records[name]
-    assert doc["status"] == "failed", doc
-    assert doc["error"]["code"] == code and doc["error"]["field"] == field, doc["error"]
-    completed(records, f"{name}-next")
-    message: str = doc["error"]["message"]
-    return message
 
 
 def test_chat_job_with_an_image_returns_a_chat_completion_with_usage(
