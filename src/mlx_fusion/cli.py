@@ -385,6 +385,117 @@ def models_import(
     typer.echo(f'catalog entry:\n[models.{written.name}]\nkind = "{kind}"\npath = "{written}"')
 
 
+@app.command("webhook-worker")
+def webhook_worker(
+    burst: Annotated[bool, typer.Option(help="Quit when the queue is empty.")] = False,
+    scheduler: Annotated[
+        bool, typer.Option(help="Also run RQ's scheduler, which moves due retries to the queue.")
+    ] = True,
+    json_logs: Annotated[bool, typer.Option("--json-logs", help="Log JSON lines.")] = False,
+) -> None:
+    """Deliver completion webhooks (never touches MLX or a GPU); run one or more per Redis."""
+    from mlx_fusion.webhooks.worker import WebhookWorker
+
+    configure_logging(json_logs)
+    settings = Settings()
+    if not settings.webhook_secrets and not settings.webhook_named_secrets:
+        typer.echo(
+            "error: no webhook secret configured: set FUSION_WEBHOOK_SECRETS "
+            "(`mlx-fusion webhooks new-secret` makes one)",
+            err=True,
+        )
+        raise typer.Exit(2)
+    try:
+        hook_worker = WebhookWorker(settings=settings)
+    except FusionError as e:
+        _fail(e)
+    hook_worker.work(burst=burst, with_scheduler=scheduler, logging_level="INFO")
+
+
+@app.command("scheduler")
+def scheduler_command(
+    json_logs: Annotated[bool, typer.Option("--json-logs", help="Log JSON lines.")] = False,
+) -> None:
+    """Run RQ's scheduler alone for the job and webhook queues (no GPU, no fork)."""
+    from rq.scheduler import RQScheduler
+    from rq.serializers import JSONSerializer
+
+    from mlx_fusion.services import redis_connection
+
+    configure_logging(json_logs)
+    settings = Settings()
+    try:
+        connection = redis_connection(settings)
+    except FusionError as e:
+        _fail(e)
+    names = [*settings.queue_names(), settings.webhook_queue_name()]
+    rq_scheduler = RQScheduler(names, connection=connection, serializer=JSONSerializer)
+    rq_scheduler.acquire_locks()  # type: ignore[no-untyped-call]
+    rq_scheduler.work()  # type: ignore[no-untyped-call]
+
+
+webhooks_app = typer.Typer(help="Webhook deliveries: replay, list failures, make a secret.")
+app.add_typer(webhooks_app, name="webhooks")
+
+
+def _outbox(settings: Settings) -> Any:
+    from mlx_fusion.jobs import connect_store
+    from mlx_fusion.services import redis_connection
+    from mlx_fusion.webhooks.outbox import Outbox
+
+    return Outbox(settings, connect_store(settings), redis_connection(settings))
+
+
+@webhooks_app.command("replay")
+def webhooks_replay(job_id: str) -> None:
+    """Deliver a finished job's webhook again (same webhook-id, a new round of attempts)."""
+    try:
+        record = _outbox(Settings()).replay(job_id)
+    except FusionError as e:
+        _fail(e)
+    typer.echo(f"replaying {job_id} to {record['webhook']['url']}")
+
+
+@webhooks_app.command("failed")
+def webhooks_failed(
+    limit: Annotated[int, typer.Option()] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List jobs whose webhook delivery failed for good, latest first."""
+    try:
+        records = _outbox(Settings()).failed(limit=limit)
+    except FusionError as e:
+        _fail(e)
+    rows = [
+        {
+            "id": r["id"],
+            "url": r["webhook"].get("url"),
+            "event": r["webhook"].get("event"),
+            "attempts": len(r["webhook"].get("attempts") or []),
+            "failed_at": r["webhook"].get("failed_at"),
+            "error": r["webhook"].get("error"),
+        }
+        for r in records
+    ]
+    if as_json:
+        _print(rows)
+        return
+    for row in rows:
+        error = row["error"] or {}
+        typer.echo(
+            f"{row['id']}  {row['failed_at']}  attempts={row['attempts']}  "
+            f"{error.get('code', '')}: {error.get('message', '')}  {row['url']}"
+        )
+
+
+@webhooks_app.command("new-secret")
+def webhooks_new_secret() -> None:
+    """Print a new random webhook secret (whsec_...) for FUSION_WEBHOOK_SECRETS."""
+    from mlx_fusion.webhooks.signing import generate_secret
+
+    typer.echo(generate_secret())
+
+
 def main() -> None:
     """Console entry point."""
     app()

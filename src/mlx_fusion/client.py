@@ -21,7 +21,7 @@ from mlx_fusion import defaults
 from mlx_fusion.config import Settings
 from mlx_fusion.errors import FusionError
 from mlx_fusion.jobs.document import FINAL_STATUSES, JobSpec, parse_job
-from mlx_fusion.jobs.store import JobStore
+from mlx_fusion.jobs.store import JobStore, utcnow
 
 Record = dict[str, Any]
 
@@ -118,9 +118,18 @@ class Client:
         return self.store.list(status=status, model=model, since=since, until=until, limit=limit)
 
     def cancel(self, job_id: str) -> bool:
-        """Cancel a job that is still queued; False if it is running or finished."""
-        if self.store.cancel(job_id) is None:
+        """Cancel a job that is still queued (its webhook gets ``job.cancelled``); False if it is
+        running or finished."""
+        from mlx_fusion.webhooks.outbox import Outbox, pending_delivery
+
+        current = self.store.get(job_id)
+        if current is None:
             return False
+        webhook = pending_delivery(current.get("webhook"), job_id, "cancelled", utcnow())
+        done = self.store.cancel(job_id, webhook=webhook)
+        if done is None:
+            return False
+        Outbox(self.settings, self.store, self.redis).notify(done)
         try:
             rq_job = RQJob.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
             rq_job.cancel()

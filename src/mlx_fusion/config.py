@@ -5,17 +5,37 @@ the working directory is read too."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from mlx_fusion import defaults
 
 
 def _default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "mlx-fusion"
+
+
+def _split_list(value: Any) -> Any:
+    """A list given as one string (an environment variable): comma or space separated, or JSON."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [item for item in re.split(r"[,\s]+", text) if item]
+    return value
+
+
+def _check_secret(secret: SecretStr) -> SecretStr:
+    from mlx_fusion.webhooks.signing import secret_key
+
+    secret_key(secret.get_secret_value())
+    return secret
 
 
 class Settings(BaseSettings):
@@ -94,6 +114,75 @@ class Settings(BaseSettings):
     worker_name: str | None = Field(
         default=None, description="Worker name; unset means host.pid.random (always unique)."
     )
+    webhook_secrets: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Secrets (whsec_...) that sign every webhook without a named secret; give two "
+        "(comma separated) while rotating: each message then carries both signatures.",
+    )
+    webhook_named_secrets: dict[str, list[SecretStr]] = Field(
+        default_factory=dict,
+        description='Secrets a job picks by name in webhook.secret, as JSON: {"tier2": '
+        '["whsec_..."]} (a list during rotation). Job documents carry only the name.',
+    )
+    webhook_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="CIDRs, addresses or host names webhooks may reach although they are not "
+        "public (comma separated), e.g. 10.0.0.0/8,tier2.internal. Everything else non-public "
+        "is refused.",
+    )
+    webhook_schedule_s: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: list(defaults.WEBHOOK_SCHEDULE_S),
+        description="Waits between delivery attempts, in seconds (comma separated); a delivery "
+        "gets one attempt more than there are waits.",
+    )
+    webhook_jitter: float = Field(default=defaults.WEBHOOK_JITTER, ge=0, lt=1)
+    webhook_timeout_s: float = Field(default=defaults.WEBHOOK_TIMEOUT_S, gt=0)
+    webhook_max_result_bytes: int = Field(
+        default=defaults.WEBHOOK_MAX_RESULT_BYTES,
+        ge=0,
+        description="Results larger than this go in the webhook as a reference (result_ref).",
+    )
+    webhook_max_response_bytes: int = Field(default=defaults.WEBHOOK_MAX_RESPONSE_BYTES, ge=0)
+    webhook_reconcile_interval_s: float = Field(default=defaults.WEBHOOK_RECONCILE_INTERVAL_S, gt=0)
+    webhook_reconcile_grace_s: float = Field(default=defaults.WEBHOOK_RECONCILE_GRACE_S, ge=0)
+
+    _lists = field_validator(
+        "webhook_secrets", "webhook_allow", "webhook_schedule_s", mode="before"
+    )(_split_list)
+
+    @field_validator("webhook_named_secrets", mode="before")
+    @classmethod
+    def _named_secret_lists(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {name: _split_list(item) for name, item in value.items()}
+        return value
+
+    @field_validator("webhook_secrets")
+    @classmethod
+    def _valid_secrets(cls, value: list[SecretStr]) -> list[SecretStr]:
+        return [_check_secret(s) for s in value]
+
+    @field_validator("webhook_named_secrets")
+    @classmethod
+    def _valid_named_secrets(cls, value: dict[str, list[SecretStr]]) -> dict[str, list[SecretStr]]:
+        for name, items in value.items():
+            if not re.match(defaults.WEBHOOK_SECRET_NAME_PATTERN, name):
+                raise ValueError(
+                    f"webhook secret name {name!r} must match "
+                    f"{defaults.WEBHOOK_SECRET_NAME_PATTERN}"
+                )
+            if not items:
+                raise ValueError(f"webhook secret {name!r} has no secret")
+            for s in items:
+                _check_secret(s)
+        return value
+
+    @field_validator("webhook_schedule_s")
+    @classmethod
+    def _valid_schedule(cls, value: list[float]) -> list[float]:
+        if any(not math.isfinite(v) or v < 0 for v in value):
+            raise ValueError("webhook waits must be finite and >= 0")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -106,6 +195,18 @@ class Settings(BaseSettings):
     def queue_name(self, priority: str) -> str:
         """The RQ queue a job of this priority goes to."""
         return f"{self.queue_prefix}:{priority}"
+
+    def webhook_queue_name(self) -> str:
+        """The queue webhook deliveries go to (served by ``mlx-fusion webhook-worker``)."""
+        return f"{self.queue_prefix}:{defaults.WEBHOOK_QUEUE_SUFFIX}"
+
+    def webhook_signing_secrets(self, name: str | None) -> list[str]:
+        """The secrets that sign a webhook naming secret ``name`` (None: the default ones);
+        ``KeyError`` when there are none."""
+        found = self.webhook_named_secrets.get(name) if name else self.webhook_secrets
+        if not found:
+            raise KeyError(name)
+        return [s.get_secret_value() for s in found]
 
     def queue_names(self) -> list[str]:
         """All queues, highest priority first (the order a worker drains them)."""

@@ -70,3 +70,40 @@ REAP_INTERVAL_S = 1.0
 
 STOP_GRACE_S = 5.0
 """How long a model process gets to exit when asked, before it is terminated, then killed."""
+
+WEBHOOK_QUEUE_SUFFIX = "webhooks"
+"""Webhook deliveries go to the queue ``<prefix>:webhooks`` (``mlx-fusion webhook-worker``)."""
+
+WEBHOOK_SCHEDULE_S = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+"""Waits between delivery attempts (like Svix): 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h; a
+delivery gets one attempt more than there are waits."""
+
+WEBHOOK_JITTER = 0.2
+"""Each wait is stretched or shrunk by up to this fraction, at random."""
+
+WEBHOOK_TIMEOUT_S = 15.0
+"""Longest a delivery attempt may take (connect, send, response)."""
+
+WEBHOOK_MAX_RESULT_BYTES = 64 * 1024
+"""Results larger than this (as JSON) go in a webhook as a reference, not inline."""
+
+WEBHOOK_MAX_RESPONSE_BYTES = 4096
+"""At most this much of a receiver's response body is read."""
+
+WEBHOOK_RETRY_AFTER_MAX_S = 86400.0
+"""A receiver's ``Retry-After`` is honoured up to this long."""
+
+WEBHOOK_RECONCILE_INTERVAL_S = 60.0
+"""How often the webhook worker looks for deliveries that were recorded but never queued."""
+
+WEBHOOK_RECONCILE_GRACE_S = 30.0
+"""A pending delivery is taken as lost once its attempt is this far overdue with no job queued."""
+
+WEBHOOK_SECRET_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+"""What a job's ``webhook.secret`` (the name of a configured secret) may look like."""
+
+WEBHOOK_FUNCTION = "mlx_fusion.webhooks.delivery.deliver"
+"""The only RQ job function the webhook worker runs: ``deliver(job_id, attempt)``."""
+
+WEBHOOK_FAILED_ATTEMPT_TTL_S = 86400
+"""How long RQ keeps an attempt job that raised (the attempt itself is on the job document)."""

@@ -7,7 +7,7 @@ model, run it, then write the result (or the precise error) in one guarded store
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
@@ -21,9 +21,10 @@ from mlx_fusion.errors import (
     error_dict,
 )
 from mlx_fusion.jobs.blobs import BlobWriter, blob_ref
-from mlx_fusion.jobs.document import Job, parse_job
-from mlx_fusion.jobs.store import JobStore, elapsed_ms, utcnow
+from mlx_fusion.jobs.document import Job, Webhook, parse_job
+from mlx_fusion.jobs.store import Document, JobStore, elapsed_ms, utcnow
 from mlx_fusion.registry import ModelRegistry
+from mlx_fusion.webhooks.outbox import pending_delivery
 
 log = structlog.get_logger(__name__)
 
@@ -42,6 +43,17 @@ def safe_fields(raw: Any) -> dict[str, str]:
     }
 
 
+def webhook_of(raw: Any) -> dict[str, Any] | None:
+    """The ``webhook`` of a document, when that part is valid even if the rest is not (so an
+    invalid job still reports its failure to the webhook Tier 2 gave)."""
+    if not isinstance(raw, Mapping) or raw.get("webhook") is None:
+        return None
+    try:
+        return Webhook.model_validate(raw["webhook"]).model_dump(mode="json", exclude_none=True)
+    except ValueError:
+        return None
+
+
 def with_job_id(raw: Any, job_id: str) -> Any:
     """The document with its ``id`` defaulted to the RQ job id (they must be equal)."""
     if not isinstance(raw, Mapping):
@@ -57,15 +69,35 @@ def with_job_id(raw: Any, job_id: str) -> Any:
 class JobRunner:
     """Runs job documents against a store and a registry."""
 
-    def __init__(self, settings: Settings, store: JobStore, registry: ModelRegistry) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        registry: ModelRegistry,
+        *,
+        notify: Callable[[Document], Any] | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.registry = registry
+        self.notify = notify
+        """Called with the record of every job this runner finishes that has a pending webhook
+        delivery (the worker queues its first attempt)."""
+
+    def _finished(self, record: Document | None) -> Document | None:
+        if record is not None and self.notify is not None and record.get("webhook"):
+            try:
+                self.notify(record)
+            except Exception as e:  # the reconciler queues what this could not
+                log.warning("webhook_notify_failed", error=f"{type(e).__name__}: {e}")
+        return record
 
     def reject(self, job_id: str, raw: Any, error: FusionError) -> None:
         """Record a job that will not run (invalid document, refused function) as failed."""
         log.warning("job_rejected", job_id=job_id, code=error.code, error=error.message)
-        self.store.fail(job_id, error.to_dict(), spec_doc=safe_fields(raw))
+        webhook = pending_delivery(webhook_of(raw), job_id, "failed", utcnow())
+        doc = self.store.fail(job_id, error.to_dict(), spec_doc=safe_fields(raw), webhook=webhook)
+        self._finished(doc)
 
     def _blob_writer(self, job: Job) -> BlobWriter:
         def put(name: str, data: bytes, content_type: str) -> dict[str, Any]:
@@ -103,6 +135,7 @@ class JobRunner:
         except FusionError as e:
             self.reject(job.spec.id, spec_doc, e)
             raise
+        webhook = spec_doc.get("webhook")
         doc = self.store.start(job.spec.id, worker, spec_doc=spec_doc, enqueued_at=enqueued_at)
         if doc is None:
             current = self.store.get(job.spec.id) or {}
@@ -119,14 +152,23 @@ class JobRunner:
             result = self.registry.finish(model, job, result, self._blob_writer(job))
         except Exception as e:
             err = e if isinstance(e, FusionError) else InferenceError(f"{type(e).__name__}: {e}")
-            self.store.fail(job.spec.id, error_dict(err), metrics=metrics)
+            outbox = pending_delivery(webhook, job.spec.id, "failed", utcnow())
+            self._finished(
+                self.store.fail(job.spec.id, error_dict(err), metrics=metrics, webhook=outbox)
+            )
             log.warning("job_failed", code=err.code, error=str(err))
             if err is e:
                 raise
             raise err from e
         metrics.update(run_metrics)
-        done = self.store.complete(
-            job.spec.id, result, metrics, max_inline_bytes=self.settings.max_result_bytes
+        done = self._finished(
+            self.store.complete(
+                job.spec.id,
+                result,
+                metrics,
+                max_inline_bytes=self.settings.max_result_bytes,
+                webhook=pending_delivery(webhook, job.spec.id, "completed", utcnow()),
+            )
         )
         if done is None:
             log.warning("job_result_discarded", reason="job no longer processing")

@@ -8,6 +8,7 @@ import subprocess
 import time
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 from redis import Redis
@@ -15,10 +16,9 @@ from redis.exceptions import RedisError
 
 from mlx_fusion.config import Settings
 from mlx_fusion.errors import FusionError
-from mlx_fusion.jobs.backends import connect_store
-from mlx_fusion.registry import ModelRegistry
-from mlx_fusion.registry.catalog import Catalog
-from mlx_fusion.runner import JobRunner
+
+if TYPE_CHECKING:
+    from mlx_fusion.runner import JobRunner
 
 log = structlog.get_logger(__name__)
 
@@ -124,6 +124,11 @@ def redis_connection(settings: Settings) -> Redis:
 
 def build_runner(settings: Settings) -> JobRunner:
     """A job runner from settings: catalog (checked now), job store, registry."""
+    from mlx_fusion.jobs.backends import connect_store
+    from mlx_fusion.registry import ModelRegistry
+    from mlx_fusion.registry.catalog import Catalog
+    from mlx_fusion.runner import JobRunner
+
     catalog = Catalog.load(
         settings.catalog_path, allow_cached_hub_models=settings.allow_cached_hub_models
     )

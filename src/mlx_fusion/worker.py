@@ -12,6 +12,8 @@ What stock SimpleWorker lacks, added here:
 - **Finite timeouts**, capped at ``job_timeout_max_s``, raising ``JobTimeout`` into the job.
 - **Unique worker names** (``host.pid.random``) and the JSON serializer, always.
 - **No fork, no scheduler**: the job runs in this process; ``with_scheduler`` is ignored.
+- **Webhooks off the GPU path**: a finished job's pending delivery is written with its final
+  status, then its first attempt is queued for the webhook worker; nothing here sends HTTP.
 
 Run it as ``mlx-fusion worker`` or as plain
 ``rq worker -w mlx_fusion.worker.FusionWorker -S rq.serializers.JSONSerializer fusion:high
@@ -27,7 +29,7 @@ import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from rq.exceptions import DeserializationError, NoSuchJobError
@@ -42,7 +44,9 @@ from mlx_fusion import defaults
 from mlx_fusion.config import Settings
 from mlx_fusion.errors import FunctionNotAllowed, FusionError, JobTimeout, JobValidationError
 from mlx_fusion.jobs.store import utcnow
-from mlx_fusion.runner import JobRunner
+
+if TYPE_CHECKING:  # the webhook worker imports this module and must not load the registry
+    from mlx_fusion.runner import JobRunner
 
 log = structlog.get_logger(__name__)
 
@@ -83,9 +87,14 @@ class FusionDeathPenalty(UnixSignalDeathPenalty):
 _MALFORMED_PAYLOAD = "<malformed>"
 
 
-class FusionJob(Job):
-    """An RQ job that can only ever run ``run_job(document)``."""
+class WhitelistedJob(Job):
+    """An RQ job that can only ever run ``allowed_function(*args)`` with ``len(arg_types)``
+    positional arguments of those types: no other function, no instance, no callbacks, no RQ
+    webhooks. A hash that cannot be read is kept as a job that fails with a precise error."""
 
+    allowed_function: str = defaults.JOB_FUNCTION
+    arg_types: tuple[type, ...] = (object,)
+    args_description = "the job document as its only argument"
     _malformed: str | None = None
 
     def restore(self, raw_data: Any) -> Any:
@@ -121,15 +130,15 @@ class FusionJob(Job):
             self._deserialize_data()  # type: ignore[no-untyped-call]
         except DeserializationError as e:
             return JobValidationError(
-                "RQ payload is not the JSON list [function, null, [document], {}]: "
+                f"RQ payload is not the JSON list [function, null, [arguments], {{}}]: "
                 f"{e.__cause__ or e}"
             )
         func_name, instance = self._func_name, self._instance
         args: Any = self._args
         kwargs: Any = self._kwargs
-        if func_name != defaults.JOB_FUNCTION:
+        if func_name != self.allowed_function:
             return FunctionNotAllowed(
-                f"RQ job names function {func_name!r}; only {defaults.JOB_FUNCTION!r} runs here"
+                f"RQ job names function {func_name!r}; only {self.allowed_function!r} runs here"
             )
         names = (
             self._success_callback_name,
@@ -138,28 +147,24 @@ class FusionJob(Job):
         )
         if instance is not None or any(names):
             return FunctionNotAllowed("RQ job instances and callbacks are not allowed")
-        if not isinstance(args, (list, tuple)) or len(args) != 1 or kwargs:
-            return JobValidationError("RQ payload must carry the job document as its only argument")
+        if (
+            not isinstance(args, (list, tuple))
+            or len(args) != len(self.arg_types)
+            or kwargs
+            or not all(isinstance(a, t) for a, t in zip(args, self.arg_types, strict=True))
+        ):
+            return JobValidationError(f"RQ payload must carry {self.args_description}")
         return None
 
-    def document(self) -> Any:
-        """The job document (the first argument), or None if it cannot be read."""
+    def arguments(self) -> list[Any] | None:
+        """The job's positional arguments, or None if they cannot be read."""
         if self._malformed:
             return None
         try:
             args = self.args
         except DeserializationError:
             return None
-        return args[0] if isinstance(args, (list, tuple)) and args else None
-
-    def _execute(self) -> Any:
-        current = _CURRENT.get()
-        problem = self.refusal()
-        if problem is not None:
-            if current is not None:
-                current[0].reject(self.id, self.document(), problem)
-            raise problem
-        return run_job(self.document())
+        return list(args) if isinstance(args, (list, tuple)) else None
 
     # Callbacks and RQ's webhooks would run producer-named code or reach producer-named URLs.
     @property
@@ -176,6 +181,24 @@ class FusionJob(Job):
 
     def send_webhooks(self, status: Any, *, exc_string: str | None = None) -> None:
         return None
+
+
+class FusionJob(WhitelistedJob):
+    """An RQ job that can only ever run ``run_job(document)``."""
+
+    def document(self) -> Any:
+        """The job document (the first argument), or None if it cannot be read."""
+        args = self.arguments()
+        return args[0] if args else None
+
+    def _execute(self) -> Any:
+        current = _CURRENT.get()
+        problem = self.refusal()
+        if problem is not None:
+            if current is not None:
+                current[0].reject(self.id, self.document(), problem)
+            raise problem
+        return run_job(self.document())
 
 
 class _Heartbeat:
@@ -219,21 +242,23 @@ class FusionWorker(SimpleWorker):
         runner: JobRunner | None = None,
         **kwargs: Any,
     ) -> None:
-        from mlx_fusion.services import build_runner, redis_connection
+        from mlx_fusion.services import build_runner
 
         self.settings = settings or Settings()
-        names = _queue_names(queues) or self.settings.queue_names()
-        kwargs["serializer"] = JSONSerializer
-        kwargs["job_class"] = FusionJob
-        kwargs["name"] = kwargs.get("name") or self.settings.worker_name or unique_worker_name()
+        names = queue_names_of(queues) or self.settings.queue_names()
+        name = self.settings.worker_name or unique_worker_name()
+        kwargs = worker_options(self.settings, kwargs, FusionJob, name)
         kwargs.setdefault("default_result_ttl", self.settings.result_ttl_s)
         kwargs.setdefault(
             "job_monitoring_interval", max(1, int(self.settings.heartbeat_interval_s))
         )
-        if kwargs.get("connection") is None:
-            kwargs["connection"] = redis_connection(self.settings)
         super().__init__(names, *args, **kwargs)
         self.runner = runner or build_runner(self.settings)
+        if self.runner.notify is None:
+            from mlx_fusion.webhooks.outbox import Outbox
+
+            outbox = Outbox(self.settings, self.runner.store, self.connection)
+            self.runner.notify = outbox.notify
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
         if kwargs.pop("with_scheduler", False):
@@ -296,7 +321,22 @@ class FusionWorker(SimpleWorker):
             _CURRENT.reset(token)
 
 
-def _queue_names(queues: Sequence[str | Queue] | str | Queue | None) -> list[str]:
+def worker_options(
+    settings: Settings, kwargs: dict[str, Any], job_class: type[Job], name: str
+) -> dict[str, Any]:
+    """RQ worker options with what every mlx-fusion worker forces: the JSON serializer, its own
+    job class, a unique name (unless one is given) and a Redis connection from settings."""
+    from mlx_fusion.services import redis_connection
+
+    options = {**kwargs, "serializer": JSONSerializer, "job_class": job_class}
+    options["name"] = options.get("name") or name
+    if options.get("connection") is None:
+        options["connection"] = redis_connection(settings)
+    return options
+
+
+def queue_names_of(queues: Sequence[str | Queue] | str | Queue | None) -> list[str]:
+    """Queue names from whatever RQ accepts as ``queues``."""
     if queues is None:
         return []
     items = [queues] if isinstance(queues, (str, Queue)) else list(queues)

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mlx_fusion import defaults
 from mlx_fusion.errors import InputTooLarge, InvalidInput, JobValidationError, UnknownKind
 from mlx_fusion.jobs.inputs import describe_validation_error
 
@@ -89,10 +90,12 @@ def new_request_id() -> str:
 
 
 class Webhook(BaseModel):
-    """Where to POST the completion event (delivery: see the webhooks module)."""
+    """Where to POST the completion event, and which configured secret signs it (by name; the
+    secret itself never travels in a job). Delivery: see the webhooks module."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    url: AnyHttpUrl
+    url: Annotated[AnyHttpUrl, Field(max_length=2048)]
+    secret: Annotated[str, Field(pattern=defaults.WEBHOOK_SECRET_NAME_PATTERN)] | None = None
 
 
 class JobSpec(BaseModel):

@@ -21,6 +21,7 @@ from mlx_fusion.jobs.blobs import BlobStore, blob_ref
 from mlx_fusion.jobs.document import JobSpec, Status
 
 Document = dict[str, Any]
+Documents = list[Document]
 Update = tuple[Document, Document]
 """A (filter, update) pair for ``find_one_and_update``."""
 
@@ -59,6 +60,11 @@ def _spec_fields(spec_doc: Mapping[str, Any] | None) -> Document:
     return fields
 
 
+def _outbox(webhook: Mapping[str, Any] | None) -> Document:
+    """The ``$set`` entry recording a pending webhook delivery (the outbox) with a final status."""
+    return {"webhook": dict(webhook)} if webhook else {}
+
+
 def start_update(
     job_id: str,
     worker: str,
@@ -93,8 +99,10 @@ def complete_update(
     retention: dt.timedelta,
     *,
     result_ref: Mapping[str, Any] | None = None,
+    webhook: Mapping[str, Any] | None = None,
 ) -> Update:
-    """processing -> completed, with the result (or a reference to it) and metrics, in one write."""
+    """processing -> completed, with the result (or a reference to it), metrics and the pending
+    webhook delivery, in one write."""
     sets = {
         "status": Status.COMPLETED.value,
         "finished_at": now,
@@ -103,6 +111,7 @@ def complete_update(
         "result": result,
         **({"result_ref": dict(result_ref)} if result_ref else {}),
         **{f"metrics.{k}": v for k, v in metrics.items()},
+        **_outbox(webhook),
     }
     return {"_id": job_id, "status": Status.PROCESSING.value}, {"$set": sets}
 
@@ -115,8 +124,10 @@ def fail_update(
     *,
     spec_doc: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
+    webhook: Mapping[str, Any] | None = None,
 ) -> Update:
-    """queued|processing -> failed; creates the document when no producer did."""
+    """queued|processing -> failed, with the pending webhook delivery; creates the document when
+    no producer did."""
     sets = {
         "status": Status.FAILED.value,
         "finished_at": now,
@@ -124,25 +135,46 @@ def fail_update(
         "expire_at": now + retention,
         "error": dict(error),
         **{f"metrics.{k}": v for k, v in (metrics or {}).items()},
+        **_outbox(webhook),
     }
+    on_insert = {**_spec_fields(spec_doc), "created_at": now, "attempts": 0}
+    if webhook:
+        on_insert.pop("webhook", None)  # $set writes it; one update may not name a path twice
     return (
         {"_id": job_id, "status": {"$in": [Status.QUEUED.value, Status.PROCESSING.value]}},
-        {
-            "$set": sets,
-            "$setOnInsert": {**_spec_fields(spec_doc), "created_at": now, "attempts": 0},
-        },
+        {"$set": sets, "$setOnInsert": on_insert},
     )
 
 
-def cancel_update(job_id: str, now: dt.datetime, retention: dt.timedelta) -> Update:
-    """queued -> cancelled (a job already running is not cancelled here)."""
+def cancel_update(
+    job_id: str,
+    now: dt.datetime,
+    retention: dt.timedelta,
+    *,
+    webhook: Mapping[str, Any] | None = None,
+) -> Update:
+    """queued -> cancelled, with the pending webhook delivery (a running job is not cancelled
+    here)."""
     sets = {
         "status": Status.CANCELLED.value,
         "finished_at": now,
         "updated_at": now,
         "expire_at": now + retention,
+        **_outbox(webhook),
     }
     return {"_id": job_id, "status": Status.QUEUED.value}, {"$set": sets}
+
+
+def _aware(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _aware(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_aware(v) for v in value]
+    return as_utc(value)
+
+
+_NESTED_TIMES = frozenset({"metrics", "webhook"})
+"""Fields whose nested datetimes are made aware too (results are left as they are)."""
 
 
 def to_record(doc: Mapping[str, Any]) -> Document:
@@ -151,7 +183,7 @@ def to_record(doc: Mapping[str, Any]) -> Document:
     for key, value in doc.items():
         if key == "_id":
             continue
-        out[key] = {k: as_utc(v) for k, v in value.items()} if key == "metrics" else as_utc(value)
+        out[key] = _aware(value) if key in _NESTED_TIMES else as_utc(value)
     return out
 
 
@@ -175,7 +207,8 @@ class JobStore:
         self._naive = naive_datetimes
         self.blobs = blobs
 
-    def _query_time(self, value: dt.datetime) -> dt.datetime:
+    def query_time(self, value: dt.datetime) -> dt.datetime:
+        """A datetime as this backend compares it in queries."""
         # montydb compares stored (naive UTC) datetimes with query values as they are
         value = as_utc(value).astimezone(dt.UTC)
         return value.replace(tzinfo=None) if self._naive else value
@@ -194,6 +227,9 @@ class JobStore:
             partialFilterExpression={"idempotency_key": {"$type": "string"}},
         )
         self._call(col.create_index, [("expire_at", ASCENDING)], expireAfterSeconds=0)
+        self._call(
+            col.create_index, [("webhook.state", ASCENDING), ("webhook.next_attempt_at", ASCENDING)]
+        )
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -203,7 +239,9 @@ class JobStore:
         except self._errors as e:
             raise JobStoreError(f"job store operation failed: {e}") from e
 
-    def _transition(self, update: Update, *, upsert: bool = False) -> Document | None:
+    def transition(self, update: Update, *, upsert: bool = False) -> Document | None:
+        """Apply one guarded ``(filter, update)``; the document after it, or None when the filter
+        matched nothing (the guard did not hold)."""
         flt, upd = update
         try:
             doc = self._call(
@@ -260,13 +298,23 @@ class JobStore:
             query["model"] = model
         created: Document = {}
         if since is not None:
-            created["$gte"] = self._query_time(since)
+            created["$gte"] = self.query_time(since)
         if until is not None:
-            created["$lt"] = self._query_time(until)
+            created["$lt"] = self.query_time(until)
         if created:
             query["created_at"] = created
         cursor = self._call(self.collection.find, query)
         docs = self._call(lambda: list(cursor.sort("created_at", DESCENDING).limit(limit)))
+        return [to_record(d) for d in docs]
+
+    def find(
+        self, query: Mapping[str, Any], *, sort: str, limit: int, descending: bool = False
+    ) -> Documents:
+        """Documents matching a raw query, ordered by ``sort`` (for the webhook outbox and
+        listings beyond ``list``)."""
+        cursor = self._call(self.collection.find, dict(query))
+        order = DESCENDING if descending else ASCENDING
+        docs = self._call(lambda: list(cursor.sort(sort, order).limit(limit)))
         return [to_record(d) for d in docs]
 
     def start(
@@ -283,7 +331,7 @@ class JobStore:
         update = start_update(
             job_id, worker, now or utcnow(), spec_doc=spec_doc, enqueued_at=enqueued_at
         )
-        return self._transition(update, upsert=True)
+        return self.transition(update, upsert=True)
 
     def complete(
         self,
@@ -293,9 +341,11 @@ class JobStore:
         now: dt.datetime | None = None,
         *,
         max_inline_bytes: int | None = None,
+        webhook: Mapping[str, Any] | None = None,
     ) -> Document | None:
-        """Mark completed with its result; None if the job was not processing. A result whose
-        JSON exceeds ``max_inline_bytes`` goes to the blob store and the record references it."""
+        """Mark completed with its result (and the pending ``webhook`` delivery, if any); None if
+        the job was not processing. A result whose JSON exceeds ``max_inline_bytes`` goes to the
+        blob store and the record references it."""
         now = now or utcnow()
         ref = None
         if max_inline_bytes is not None and self.blobs is not None:
@@ -309,8 +359,10 @@ class JobStore:
                     expire_at=now + self.retention,
                 )
                 result, ref = None, blob_ref(blob_id, data, "application/json")
-        return self._transition(
-            complete_update(job_id, result, metrics, now, self.retention, result_ref=ref)
+        return self.transition(
+            complete_update(
+                job_id, result, metrics, now, self.retention, result_ref=ref, webhook=webhook
+            )
         )
 
     def result(self, job_id: str) -> Any:
@@ -330,14 +382,30 @@ class JobStore:
         *,
         spec_doc: Mapping[str, Any] | None = None,
         metrics: Mapping[str, Any] | None = None,
+        webhook: Mapping[str, Any] | None = None,
         now: dt.datetime | None = None,
     ) -> Document | None:
-        """Mark failed with ``error {code, message}``; None if the job had already finished."""
+        """Mark failed with ``error {code, message}`` (and the pending ``webhook`` delivery);
+        None if the job had already finished."""
         update = fail_update(
-            job_id, error, now or utcnow(), self.retention, spec_doc=spec_doc, metrics=metrics
+            job_id,
+            error,
+            now or utcnow(),
+            self.retention,
+            spec_doc=spec_doc,
+            metrics=metrics,
+            webhook=webhook,
         )
-        return self._transition(update, upsert=True)
+        return self.transition(update, upsert=True)
 
-    def cancel(self, job_id: str, now: dt.datetime | None = None) -> Document | None:
-        """Cancel a job still queued; None if it is not queued (running or finished)."""
-        return self._transition(cancel_update(job_id, now or utcnow(), self.retention))
+    def cancel(
+        self,
+        job_id: str,
+        now: dt.datetime | None = None,
+        *,
+        webhook: Mapping[str, Any] | None = None,
+    ) -> Document | None:
+        """Cancel a job still queued (recording the pending ``webhook`` delivery); None if it is
+        not queued (running or finished)."""
+        update = cancel_update(job_id, now or utcnow(), self.retention, webhook=webhook)
+        return self.transition(update)

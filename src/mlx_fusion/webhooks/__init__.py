@@ -1,8 +1,16 @@
-"""Completion webhooks (signed per Standard Webhooks, retried): built in their own issue.
+"""Completion webhooks: signed per Standard Webhooks, delivered at least once, off the GPU path.
 
-The job document already carries ``webhook {url}``; delivery is not wired yet. The pure core is
-here: ``events`` (what is sent), ``signing`` (Standard Webhooks signatures; ``verify`` is for
-receivers) and ``guard`` (where sending is allowed; imported on its own, it needs httpx).
+- ``events``: the event a finished job sends (pure).
+- ``signing``: Standard Webhooks signatures; ``verify`` is for receivers.
+- ``guard``: where sending is allowed (public addresses, or the allow-list); an httpx transport
+  that connects only to the checked address.
+- ``outbox``: the pending delivery inside the job document, attempt jobs on the webhook queue,
+  the reconciler, replay.
+- ``delivery``: one attempt (claim, sign, POST, record, schedule the next) and the retry rules.
+- ``worker``: ``mlx-fusion webhook-worker``, an RQ worker that never imports MLX.
+
+Importing this package loads only ``events`` and ``signing`` (no httpx, no RQ), so receivers can
+use ``verify`` with nothing else.
 """
 
 from mlx_fusion.errors import WebhookVerificationError
