@@ -377,6 +377,20 @@ def test_an_attempt_runs_once_even_if_queued_twice(hooks: Hooks) -> None:
     assert len(hooks.webhook(job_id)["attempts"]) == 1
 
 
+def test_a_record_that_cannot_be_sent_fails_on_the_schedule_instead_of_looping(
+    hooks: Hooks,
+) -> None:
+    with http_receiver() as receiver:
+        job_id = hooks.submit(receiver.url)
+        hooks.run_jobs()
+        # a record no event can be built from (no final status), as a bug or a hand edit makes
+        hooks.store.collection.update_one({"_id": job_id}, {"$set": {"status": "processing"}})
+        webhook = hooks.settle(job_id)
+    assert receiver.received == []
+    assert webhook["state"] == "failed"
+    assert [a["error"]["code"] for a in webhook["attempts"]] == ["internal_error"] * 3
+
+
 # --- nothing sent where it must not go -----------------------------------------------------
 
 REFUSED = [

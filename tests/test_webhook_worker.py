@@ -190,6 +190,32 @@ def test_hanging_receiver_does_not_slow_the_gpu_worker(
         assert set(pending) == {"pending"}
 
 
+def test_worker_processes_deliver_side_by_side(
+    env: dict[str, str],
+    shared_store: JobStore,
+    redis: Redis,
+    start_process: Callable[..., subprocess.Popen[str]],
+) -> None:
+    env["FUSION_WEBHOOK_TIMEOUT_S"] = "20"
+    settings = env_settings(env)
+    client = Client(settings, redis, shared_store)
+    with http_receiver(replies=[Reply(204, delay_s=4.0)]) as receiver:
+        ids = [client.submit(chat(receiver.url)) for _ in range(3)]
+        build_worker(settings, redis, shared_store, {ModelKind.LM: slow_kind}).work(burst=True)
+        start_process("webhook-worker", "--processes", "3")
+        wait_for(lambda: len(receiver.received) == 3, 60, "three deliveries")
+        assert receiver.answered == 0  # all three were in flight at once
+        wait_for(
+            lambda: all(
+                shared_store.get(i)["webhook"]["state"] == "delivered"  # type: ignore[index]
+                for i in ids
+            ),
+            60,
+            "the deliveries to be recorded",
+        )
+    assert len(receiver.received) == 3
+
+
 def test_scheduler_process_moves_retries_for_a_worker_without_one(
     shared_store: JobStore,
     env: dict[str, str],

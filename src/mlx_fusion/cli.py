@@ -391,10 +391,13 @@ def webhook_worker(
     scheduler: Annotated[
         bool, typer.Option(help="Also run RQ's scheduler, which moves due retries to the queue.")
     ] = True,
+    processes: Annotated[
+        int, typer.Option(min=1, help="Worker processes: deliveries run one at a time in each.")
+    ] = 1,
     json_logs: Annotated[bool, typer.Option("--json-logs", help="Log JSON lines.")] = False,
 ) -> None:
     """Deliver completion webhooks (never touches MLX or a GPU); run one or more per Redis."""
-    from mlx_fusion.webhooks.worker import WebhookWorker
+    from mlx_fusion.webhooks.worker import WebhookWorker, run_pool
 
     configure_logging(json_logs)
     settings = Settings()
@@ -406,6 +409,9 @@ def webhook_worker(
         )
         raise typer.Exit(2)
     try:
+        if processes > 1:
+            run_pool(settings, processes, scheduler=scheduler, burst=burst)
+            return
         hook_worker = WebhookWorker(settings=settings)
     except FusionError as e:
         _fail(e)

@@ -175,7 +175,16 @@ class Deliverer:
         with structlog.contextvars.bound_contextvars(
             job_id=job_id, request_id=record.get("request_id"), webhook_id=webhook.get("id")
         ):
-            attempt = self._send(record, n)
+            try:
+                attempt = self._send(record, n)
+            except Exception as e:  # a record that cannot be sent must not loop forever
+                log.exception("webhook_attempt_crashed", attempt=n)
+                attempt = {
+                    "n": n,
+                    "at": now,
+                    "duration_ms": 0.0,
+                    "error": _attempt_error("internal_error", f"{type(e).__name__}: {e}"),
+                }
             made = n - int(webhook.get("round_start", 1)) + 1
             step = next_step(
                 attempt,

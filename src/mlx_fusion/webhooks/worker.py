@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 from rq.defaults import DEFAULT_WORKER_TTL
 from rq.queue import Queue
+from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker
 
 from mlx_fusion import defaults
@@ -53,6 +54,9 @@ class WebhookWorker(SimpleWorker):
     """Serves the webhook queue (see the module docstring)."""
 
     job_class = WebhookJob
+    run_scheduler = True
+    """False: never run RQ's scheduler here, whatever ``work`` is asked (a separate
+    ``mlx-fusion scheduler`` moves the retries)."""
 
     def __init__(
         self,
@@ -88,6 +92,7 @@ class WebhookWorker(SimpleWorker):
             return 0
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
+        kwargs["with_scheduler"] = bool(kwargs.get("with_scheduler")) and self.run_scheduler
         self.reconcile()
         with serving(self.deliverer):
             return bool(super().work(*args, **kwargs))
@@ -95,3 +100,27 @@ class WebhookWorker(SimpleWorker):
     def run_maintenance_tasks(self) -> None:
         super().run_maintenance_tasks()  # type: ignore[no-untyped-call]
         self.reconcile()
+
+
+class WebhookWorkerWithoutScheduler(WebhookWorker):
+    """A webhook worker that leaves RQ's scheduler to ``mlx-fusion scheduler``."""
+
+    run_scheduler = False
+
+
+def run_pool(settings: Settings, processes: int, *, scheduler: bool, burst: bool) -> None:
+    """Run ``processes`` webhook workers under RQ's ``WorkerPool`` (forked, which is safe: no
+    GPU here), restarting any that dies; one of them holds the scheduler lock."""
+    from rq.worker_pool import WorkerPool
+
+    from mlx_fusion.services import redis_connection
+
+    pool = WorkerPool(
+        [settings.webhook_queue_name()],
+        connection=redis_connection(settings),
+        num_workers=processes,
+        worker_class=WebhookWorker if scheduler else WebhookWorkerWithoutScheduler,
+        serializer=JSONSerializer,
+        job_class=WebhookJob,
+    )
+    pool.start(burst=burst)
