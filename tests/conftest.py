@@ -104,6 +104,14 @@ def fusion_env(tmp_path: Path, redis_url: str, catalog: Path, **extra: str) -> d
     return env
 
 
+def settings_from_env(env: Mapping[str, str]) -> Settings:
+    """The settings a process started with ``env`` builds (to share its store and Redis)."""
+    fusion = {
+        k.removeprefix("FUSION_").lower(): v for k, v in env.items() if k.startswith("FUSION_")
+    }
+    return Settings(_env_file=None, **fusion)  # type: ignore[call-arg]
+
+
 def run_python(
     env: dict[str, str], *args: str, timeout_s: float = 180
 ) -> subprocess.CompletedProcess[str]:

@@ -7,7 +7,7 @@ import datetime as dt
 
 import pytest
 
-from mlx_fusion.errors import JobStoreError
+from mlx_fusion.errors import IdempotencyConflict, JobStoreError
 from mlx_fusion.jobs import JobSpec, JobStore, utcnow
 
 T0 = utcnow().replace(microsecond=0)
@@ -35,6 +35,21 @@ def test_insert_then_get_returns_a_queued_document(any_store: JobStore) -> None:
 def test_same_idempotency_key_returns_the_first_job(any_store: JobStore) -> None:
     assert any_store.insert(spec("j1", idempotency_key="k")) == ("j1", True)
     assert any_store.insert(spec("j2", idempotency_key="k")) == ("j1", False)
+    assert any_store.get("j2") is None
+
+
+def test_same_idempotency_key_and_body_with_another_request_id_is_the_same_job(
+    any_store: JobStore,
+) -> None:
+    assert any_store.insert(spec("j1", idempotency_key="k", request_id="r1"))[0] == "j1"
+    assert any_store.insert(spec("j2", idempotency_key="k", request_id="r2")) == ("j1", False)
+
+
+def test_same_idempotency_key_with_another_body_is_a_conflict(any_store: JobStore) -> None:
+    any_store.insert(spec("j1", idempotency_key="k", metadata={"a": "1"}))
+    with pytest.raises(IdempotencyConflict, match="different body") as info:
+        any_store.insert(spec("j2", idempotency_key="k", metadata={"a": "2"}))
+    assert info.value.code == "idempotency_conflict"
     assert any_store.get("j2") is None
 
 
@@ -108,6 +123,17 @@ def test_cancel_only_a_queued_job(any_store: JobStore) -> None:
     assert any_store.cancel("r") is None
     assert any_store.start("q", "w1") is None
     assert any_store.get("q")["status"] == "cancelled"  # type: ignore[index]
+
+
+def test_a_stopped_running_job_ends_cancelled_once(any_store: JobStore) -> None:
+    any_store.insert(spec("q"))
+    any_store.insert(spec("r"))
+    any_store.start("r", "w1")
+    assert any_store.cancel("q", running=True) is None  # not running
+    done = any_store.cancel("r", running=True)
+    assert done is not None and done["status"] == "cancelled" and done["finished_at"] is not None
+    assert any_store.complete("r", {"late": True}, {}) is None  # a late result changes nothing
+    assert any_store.cancel("r", running=True) is None
 
 
 def test_list_filters_and_orders_newest_first(any_store: JobStore) -> None:

@@ -17,13 +17,12 @@ from typing import Any
 
 import pytest
 import slow_kind
-from conftest import REPO, TINY_MODEL, build_worker, fusion_env, run_python
+from conftest import REPO, TINY_MODEL, build_worker, fusion_env, run_python, settings_from_env
 from redis import Redis
 from rq import Queue
 from webhook_helpers import Reply, http_receiver
 
 from mlx_fusion.client import Client
-from mlx_fusion.config import Settings
 from mlx_fusion.jobs.backends import connect_store
 from mlx_fusion.jobs.document import JobSpec
 from mlx_fusion.jobs.store import JobStore, utcnow
@@ -50,14 +49,6 @@ def webhook_env(tmp_path: Path, redis_url: str, catalog: Path, **extra: str) -> 
     )
 
 
-def env_settings(env: dict[str, str]) -> Settings:
-    """The settings a process started with ``env`` builds."""
-    fusion = {
-        k.removeprefix("FUSION_").lower(): v for k, v in env.items() if k.startswith("FUSION_")
-    }
-    return Settings(_env_file=None, **fusion)  # type: ignore[call-arg]
-
-
 @pytest.fixture
 def env(tmp_path: Path, redis_url: str, catalog_path: Path, redis: Redis) -> dict[str, str]:
     return webhook_env(tmp_path, redis_url, catalog_path)
@@ -65,7 +56,7 @@ def env(tmp_path: Path, redis_url: str, catalog_path: Path, redis: Redis) -> dic
 
 @pytest.fixture
 def shared_store(env: dict[str, str]) -> JobStore:
-    return connect_store(env_settings(env))
+    return connect_store(settings_from_env(env))
 
 
 def chat(url: str) -> dict[str, Any]:
@@ -139,7 +130,7 @@ def test_worker_killed_before_queuing_the_delivery_is_delivered_once_by_the_reco
     redis: Redis,
     start_process: Callable[..., subprocess.Popen[str]],
 ) -> None:
-    settings = env_settings(env)
+    settings = settings_from_env(env)
     with http_receiver() as receiver:
         job_id = Client(settings, redis, shared_store).submit(chat(receiver.url))
         killed = run_python(env, "-c", KILLED_BEFORE_ENQUEUE)
@@ -169,7 +160,7 @@ def test_hanging_receiver_does_not_slow_the_gpu_worker(
 ) -> None:
     hang_s = 30
     env["FUSION_WEBHOOK_TIMEOUT_S"] = str(hang_s)
-    settings = env_settings(env)
+    settings = settings_from_env(env)
     client = Client(settings, redis, shared_store)
     gpu = build_worker(settings, redis, shared_store, {ModelKind.LM: slow_kind})
     with http_receiver(replies=[Reply(hang=True)]) as receiver:
@@ -197,7 +188,7 @@ def test_worker_processes_deliver_side_by_side(
     start_process: Callable[..., subprocess.Popen[str]],
 ) -> None:
     env["FUSION_WEBHOOK_TIMEOUT_S"] = "20"
-    settings = env_settings(env)
+    settings = settings_from_env(env)
     client = Client(settings, redis, shared_store)
     with http_receiver(replies=[Reply(204, delay_s=4.0)]) as receiver:
         ids = [client.submit(chat(receiver.url)) for _ in range(3)]
@@ -222,7 +213,7 @@ def test_scheduler_process_moves_retries_for_a_worker_without_one(
     redis: Redis,
     start_process: Callable[..., subprocess.Popen[str]],
 ) -> None:
-    settings = env_settings(env)
+    settings = settings_from_env(env)
     with http_receiver(replies=[Reply(500), Reply(204)]) as receiver:
         job_id = Client(settings, redis, shared_store).submit(chat(receiver.url))
         build_worker(settings, redis, shared_store, {ModelKind.LM: slow_kind}).work(burst=True)
@@ -286,7 +277,7 @@ def test_webhooks_failed_lists_and_replay_requeues(
     ]
     replayed = run_python(env, "-m", "mlx_fusion", "webhooks", "replay", "gone-1", timeout_s=60)
     assert replayed.returncode == 0, replayed.stderr[-2000:]
-    settings = env_settings(env)
+    settings = settings_from_env(env)
     assert Queue(settings.webhook_queue_name(), connection=redis).job_ids == ["whk-gone-1-2"]
     again = run_python(env, "-m", "mlx_fusion", "webhooks", "replay", "gone-1", timeout_s=60)
     assert again.returncode == 2 and "still pending" in again.stderr

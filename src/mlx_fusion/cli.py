@@ -182,14 +182,18 @@ def jobs(
 
 @app.command()
 def cancel(job_id: str) -> None:
-    """Cancel a job that is still queued."""
+    """Cancel a queued or running job (a running one stops within seconds)."""
     try:
-        done = _client(Settings()).cancel(job_id)
+        client = _client(Settings())
+        done = client.cancel(job_id)
+        record = client.get(job_id) if done else None
     except FusionError as e:
         _fail(e)
-    typer.echo("cancelled" if done else "not cancelled: the job is not queued")
     if not done:
+        typer.echo("not cancelled: the job is unknown or already finished")
         raise typer.Exit(1)
+    running = record is not None and record.get("status") == "processing"
+    typer.echo("cancellation requested: the worker stops the job" if running else "cancelled")
 
 
 @app.command()

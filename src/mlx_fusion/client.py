@@ -32,6 +32,22 @@ class EnqueueError(FusionError):
     code = "enqueue_failed"
 
 
+def enqueue_spec(redis: Redis, settings: Settings, spec: JobSpec) -> None:
+    """Put a job on its priority's queue as the RQ job ``spec.id`` running ``run_job(document)``
+    (the store record is the caller's business)."""
+    queue = Queue(
+        settings.queue_name(spec.priority.value), connection=redis, serializer=JSONSerializer
+    )
+    queue.enqueue_call(
+        func=defaults.JOB_FUNCTION,
+        args=(spec.to_document(),),
+        job_id=spec.id,
+        timeout=settings.effective_timeout_s(spec.timeout_s),
+        result_ttl=settings.result_ttl_s,
+        description=f"{spec.kind} {spec.model} ({spec.request_id})",
+    )
+
+
 class Client:
     """Submit and follow jobs. ``redis`` and ``store`` are built by the caller (see
     ``mlx_fusion.services``) so one client can be shared."""
@@ -41,28 +57,16 @@ class Client:
         self.redis = redis
         self.store = store
 
-    def _queue(self, priority: str) -> Queue:
-        return Queue(
-            self.settings.queue_name(priority), connection=self.redis, serializer=JSONSerializer
-        )
-
     def submit(self, job: JobSpec | Mapping[str, Any]) -> str:
         """Validate, store as queued and enqueue; returns the job id. A job whose
         ``idempotency_key`` was seen before is not enqueued again: its first id is returned."""
-        raw = job.to_document() if isinstance(job, JobSpec) else dict(job)
+        raw = job.to_document() if isinstance(job, JobSpec) else job
         spec = parse_job(raw, max_input_bytes=self.settings.max_input_bytes).spec
         job_id, created = self.store.insert(spec)
         if not created:
             return job_id
         try:
-            self._queue(spec.priority.value).enqueue_call(
-                func=defaults.JOB_FUNCTION,
-                args=(spec.to_document(),),
-                job_id=spec.id,
-                timeout=self.settings.effective_timeout_s(spec.timeout_s),
-                result_ttl=self.settings.result_ttl_s,
-                description=f"{spec.kind} {spec.model} ({spec.request_id})",
-            )
+            enqueue_spec(self.redis, self.settings, spec)
         except RedisError as e:
             err = EnqueueError(f"could not enqueue job {spec.id}: {e}")
             self.store.fail(spec.id, err.to_dict())
@@ -118,13 +122,19 @@ class Client:
         return self.store.list(status=status, model=model, since=since, until=until, limit=limit)
 
     def cancel(self, job_id: str) -> bool:
-        """Cancel a job that is still queued (its webhook gets ``job.cancelled``); False if it is
-        running or finished."""
+        """Cancel a job: a queued one at once; a running one is stopped by its worker within
+        about a second (or its model process is killed after ``cancel_grace_s``) and then ends
+        ``cancelled``. Either way its webhook gets ``job.cancelled``. False when the job is
+        unknown or already finished."""
         from mlx_fusion.webhooks.outbox import Outbox, pending_delivery
 
         current = self.store.get(job_id)
         if current is None:
             return False
+        if current.get("status") == "processing":
+            ttl_s = self.settings.job_timeout_max_s + 60
+            self.redis.set(self.settings.cancel_key(job_id), "1", ex=ttl_s)
+            return True
         webhook = pending_delivery(current.get("webhook"), job_id, "cancelled", utcnow())
         done = self.store.cancel(job_id, webhook=webhook)
         if done is None:

@@ -114,6 +114,29 @@ class Settings(BaseSettings):
     worker_name: str | None = Field(
         default=None, description="Worker name; unset means host.pid.random (always unique)."
     )
+    cancel_grace_s: float = Field(
+        default=defaults.CANCEL_GRACE_S,
+        ge=0,
+        description="A cancelled running job that has not stopped after this long has its model "
+        "process killed.",
+    )
+    job_max_attempts: int = Field(
+        default=defaults.JOB_MAX_ATTEMPTS,
+        ge=1,
+        description="A job whose worker died is run again until it has started this many times; "
+        "then it fails with worker_lost.",
+    )
+    recovery_interval_s: float = Field(
+        default=defaults.RECOVERY_INTERVAL_S,
+        gt=0,
+        description="How often idle GPU workers look for jobs lost by dead workers or by Redis.",
+    )
+    recovery_grace_s: float = Field(
+        default=defaults.RECOVERY_GRACE_S,
+        ge=0,
+        description="A queued job with no RQ job, or a processing job no worker runs, is taken as "
+        "lost once its record is this old.",
+    )
     webhook_secrets: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
         description="Secrets (whsec_...) that sign every webhook without a named secret; give two "
@@ -195,6 +218,10 @@ class Settings(BaseSettings):
     def queue_name(self, priority: str) -> str:
         """The RQ queue a job of this priority goes to."""
         return f"{self.queue_prefix}:{priority}"
+
+    def cancel_key(self, job_id: str) -> str:
+        """The Redis key whose presence cancels the running job ``job_id``."""
+        return f"{self.queue_prefix}:cancel:{job_id}"
 
     def webhook_queue_name(self) -> str:
         """The queue webhook deliveries go to (served by ``mlx-fusion webhook-worker``)."""

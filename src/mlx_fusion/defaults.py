@@ -41,6 +41,21 @@ HEARTBEAT_INTERVAL_S = 10.0
 HEARTBEAT_GRACE_INTERVALS = 6
 """A running job is declared abandoned after this many heartbeat intervals without one."""
 
+CANCEL_POLL_S = 0.5
+"""How often a busy worker looks for a cancellation of its running job."""
+
+CANCEL_GRACE_S = 5.0
+"""How long a cancelled job gets to stop by itself before its model process is killed."""
+
+JOB_MAX_ATTEMPTS = 3
+"""A job whose worker died is run again until it has started this many times."""
+
+RECOVERY_INTERVAL_S = 30.0
+"""How often an idle GPU worker looks for lost jobs (dead workers, jobs missing from Redis)."""
+
+RECOVERY_GRACE_S = 30.0
+"""How old a record must be before its job can be taken as lost."""
+
 RESULT_TTL_S = 3600
 """How long RQ keeps its own small record of a finished job (the result lives in MongoDB)."""
 

@@ -22,7 +22,10 @@
     ├── InferenceError (inference_failed)
     │   └── InvalidOutput (invalid_output)
     ├── JobTimeout (timeout)
+    ├── WorkerLost (worker_lost)
+    ├── JobCancelled (cancelled)
     ├── JobStoreError (store_unavailable)
+    ├── IdempotencyConflict (idempotency_conflict)
     ├── WebhookDeliveryError (webhook_failed)
     │   └── WebhookTargetRefused (webhook_target_refused)
     └── WebhookVerificationError (webhook_invalid_signature)
@@ -172,10 +175,29 @@ class JobTimeout(FusionError):
     code = "timeout"
 
 
+class JobCancelled(FusionError):
+    """Tier 2 cancelled the job while it ran; the job ends ``cancelled``, not failed."""
+
+    code = "cancelled"
+
+
+class WorkerLost(FusionError):
+    """The job's worker died (killed, power loss, lost its Redis) on the job's last allowed
+    attempt."""
+
+    code = "worker_lost"
+
+
 class JobStoreError(FusionError):
     """The job store (MongoDB) could not be reached or refused a write."""
 
     code = "store_unavailable"
+
+
+class IdempotencyConflict(FusionError):
+    """A submit reuses an ``idempotency_key`` with a different job body; nothing was stored."""
+
+    code = "idempotency_conflict"
 
 
 class WebhookDeliveryError(FusionError):

@@ -12,6 +12,7 @@ from typing import Any
 
 import structlog
 
+from mlx_fusion.cancellation import Cancellation
 from mlx_fusion.config import Settings
 from mlx_fusion.errors import (
     FusionError,
@@ -112,10 +113,23 @@ class JobRunner:
 
         return put
 
+    def _cancelled(self, job: Job, webhook: Any, cause: BaseException) -> dict[str, Any]:
+        outbox = pending_delivery(webhook, job.spec.id, "cancelled", utcnow())
+        self._finished(self.store.cancel(job.spec.id, webhook=outbox, running=True))
+        log.info("job_cancelled", stopped_by=type(cause).__name__)
+        return {"id": job.spec.id, "status": "cancelled"}
+
     def process(
-        self, raw: Any, job_id: str, *, worker: str, enqueued_at: dt.datetime | None = None
+        self,
+        raw: Any,
+        job_id: str,
+        *,
+        worker: str,
+        enqueued_at: dt.datetime | None = None,
+        cancellation: Cancellation | None = None,
     ) -> dict[str, Any]:
-        """Run one job document to a final status; raises the job's error after recording it."""
+        """Run one job document to a final status; raises the job's error after recording it.
+        A job cancelled while it runs (``cancellation``) ends ``cancelled`` and raises nothing."""
         try:
             job = parse_job(with_job_id(raw, job_id), max_input_bytes=self.settings.max_input_bytes)
         except FusionError as e:
@@ -125,9 +139,13 @@ class JobRunner:
         with structlog.contextvars.bound_contextvars(
             job_id=spec.id, request_id=spec.request_id, model=spec.model, kind=job.kind.value
         ):
-            return self._run(job, worker=worker, enqueued_at=enqueued_at)
+            return self._run(
+                job, worker=worker, enqueued_at=enqueued_at, cancel=cancellation or Cancellation()
+            )
 
-    def _run(self, job: Job, *, worker: str, enqueued_at: dt.datetime | None) -> dict[str, Any]:
+    def _run(
+        self, job: Job, *, worker: str, enqueued_at: dt.datetime | None, cancel: Cancellation
+    ) -> dict[str, Any]:
         spec_doc = job.spec.to_document()
         try:
             model = self.registry.resolve(job.spec.model, job.kind)
@@ -148,9 +166,12 @@ class JobRunner:
         try:
             with self.registry.lease(model) as lease:
                 metrics["load_ms"] = lease.load_ms
-                result, run_metrics = lease.run(job)
+                with cancel.attached(lease):
+                    result, run_metrics = lease.run(job)
             result = self.registry.finish(model, job, result, self._blob_writer(job))
         except Exception as e:
+            if cancel.requested.is_set():  # however it ended (a check, a kill), it was cancelled
+                return self._cancelled(job, webhook, e)
             err = e if isinstance(e, FusionError) else InferenceError(f"{type(e).__name__}: {e}")
             outbox = pending_delivery(webhook, job.spec.id, "failed", utcnow())
             self._finished(

@@ -12,6 +12,12 @@ What stock SimpleWorker lacks, added here:
 - **Finite timeouts**, capped at ``job_timeout_max_s``, raising ``JobTimeout`` into the job.
 - **Unique worker names** (``host.pid.random``) and the JSON serializer, always.
 - **No fork, no scheduler**: the job runs in this process; ``with_scheduler`` is ignored.
+- **Cancelling a running job**: the heartbeat thread also watches the job's cancel key and
+  stops the job through its model process (``cancellation``), killing it after a grace time.
+- **Lost jobs recovered**: between jobs and when idle, ``recovery`` requeues (or fails with
+  ``worker_lost``) jobs whose worker died, and re-enqueues queued records Redis lost.
+- **Queue entries RQ could not have made** (hostile ids) are dropped instead of stopping the
+  worker.
 - **Webhooks off the GPU path**: a finished job's pending delivery is written with its final
   status, then its first attempt is queued for the webhook worker; nothing here sends HTTP.
 
@@ -23,24 +29,29 @@ fusion:default fusion:low``.
 from __future__ import annotations
 
 import contextvars
+import math
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from rq.defaults import DEFAULT_WORKER_TTL
 from rq.exceptions import DeserializationError, NoSuchJobError
 from rq.job import UNEVALUATED, Job
 from rq.queue import Queue
+from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
-from rq.utils import decode_redis_hash
+from rq.utils import current_timestamp, decode_redis_hash
 from rq.worker import SimpleWorker
 
 from mlx_fusion import defaults
+from mlx_fusion.cancellation import Cancellation
 from mlx_fusion.config import Settings
 from mlx_fusion.errors import FunctionNotAllowed, FusionError, JobTimeout, JobValidationError
 from mlx_fusion.jobs.store import utcnow
@@ -50,7 +61,7 @@ if TYPE_CHECKING:  # the webhook worker imports this module and must not load th
 
 log = structlog.get_logger(__name__)
 
-_CURRENT: contextvars.ContextVar[tuple[JobRunner, FusionWorker, Job] | None] = (
+_CURRENT: contextvars.ContextVar[tuple[JobRunner, FusionWorker, Job, Cancellation] | None] = (
     contextvars.ContextVar("mlx_fusion_current_job", default=None)
 )
 
@@ -64,8 +75,14 @@ def run_job(document: Any) -> dict[str, Any]:
     current = _CURRENT.get()
     if current is None:
         raise RuntimeError("mlx_fusion.worker.run_job runs only inside a FusionWorker")
-    runner, worker, job = current
-    return runner.process(document, job.id, worker=worker.name, enqueued_at=job.enqueued_at)
+    runner, worker, job, cancellation = current
+    return runner.process(
+        document,
+        job.id,
+        worker=worker.name,
+        enqueued_at=job.enqueued_at,
+        cancellation=cancellation,
+    )
 
 
 def unique_worker_name() -> str:
@@ -96,6 +113,16 @@ class WhitelistedJob(Job):
     arg_types: tuple[type, ...] = (object,)
     args_description = "the job document as its only argument"
     _malformed: str | None = None
+
+    @classmethod
+    def fetch(cls, id: str, connection: Any = None, serializer: Any = None) -> Job:
+        # A producer may push any string onto a queue; RQ raises ValueError for an id it would
+        # not have made, out of dequeue, which stops the worker. Such an entry names no job.
+        try:
+            return super().fetch(id, connection=connection, serializer=serializer)
+        except (ValueError, TypeError) as e:
+            log.error("rq_job_id_refused", rq_job_id=repr(id)[:120], error=str(e))
+            raise NoSuchJobError(f"job id {id!r} is not valid: {e}") from e
 
     def restore(self, raw_data: Any) -> Any:
         # A hash a producer wrote by hand may be broken; RQ would raise out of dequeue and stop the
@@ -202,22 +229,43 @@ class FusionJob(WhitelistedJob):
 
 
 class _Heartbeat:
-    """A thread that keeps a running job alive in Redis."""
+    """A thread that keeps a running job alive in Redis and watches for its cancellation: every
+    ``CANCEL_POLL_S`` it looks for the job's cancel key; once it is there the job is asked to
+    stop, and killed with its model process if it still runs ``cancel_grace_s`` later."""
 
-    def __init__(self, worker: FusionWorker, job: Job) -> None:
+    def __init__(self, worker: FusionWorker, job: Job, cancellation: Cancellation) -> None:
         self._worker = worker
         self._job = job
+        self._cancellation = cancellation
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="fusion-heartbeat", daemon=True)
 
     def _beat(self) -> None:
-        interval = self._worker.settings.heartbeat_interval_s
-        while not self._stop.wait(interval):
+        settings = self._worker.settings
+        interval = settings.heartbeat_interval_s
+        next_beat = time.monotonic() + interval
+        cancelled_at: float | None = None
+        while not self._stop.wait(min(interval, defaults.CANCEL_POLL_S)):
+            now = time.monotonic()
             try:
-                if self._worker.execution is not None:
-                    self._worker.maintain_heartbeats(self._job)
+                if cancelled_at is None and self._cancel_requested():
+                    cancelled_at = now
+                    log.info("job_cancel_requested", job_id=self._job.id)
+                    self._cancellation.request()
+                elif cancelled_at is not None and now - cancelled_at >= settings.cancel_grace_s:
+                    if self._cancellation.enforce():
+                        log.warning("job_cancel_enforced", job_id=self._job.id)
+                    cancelled_at = float("inf")  # once
+                if now >= next_beat:
+                    next_beat = now + interval
+                    if self._worker.execution is not None:
+                        self._worker.maintain_heartbeats(self._job)
             except Exception as e:  # a missed beat must never kill the job
                 log.warning("heartbeat_failed", job_id=self._job.id, error=str(e))
+
+    def _cancel_requested(self) -> bool:
+        key = self._worker.settings.cancel_key(self._job.id)
+        return bool(self._worker.connection.exists(key))
 
     def __enter__(self) -> _Heartbeat:
         self._thread.start()
@@ -249,6 +297,11 @@ class FusionWorker(SimpleWorker):
         name = self.settings.worker_name or unique_worker_name()
         kwargs = worker_options(self.settings, kwargs, FusionJob, name)
         kwargs.setdefault("default_result_ttl", self.settings.result_ttl_s)
+        # maintenance (registry cleanup, lost-job recovery) runs between jobs, and an idle worker
+        # wakes from the queue every worker_ttl - 15 s for it
+        interval = max(1, math.ceil(self.settings.recovery_interval_s))
+        kwargs.setdefault("maintenance_interval", interval)
+        kwargs.setdefault("worker_ttl", min(DEFAULT_WORKER_TTL, interval + 15))
         kwargs.setdefault(
             "job_monitoring_interval", max(1, int(self.settings.heartbeat_interval_s))
         )
@@ -259,6 +312,11 @@ class FusionWorker(SimpleWorker):
 
             outbox = Outbox(self.settings, self.runner.store, self.connection)
             self.runner.notify = outbox.notify
+        from mlx_fusion.recovery import JobRecovery
+
+        self.recovery = JobRecovery(
+            self.settings, self.runner.store, self.connection, notify=self.runner.notify
+        )
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
         if kwargs.pop("with_scheduler", False):
@@ -286,6 +344,13 @@ class FusionWorker(SimpleWorker):
 
     def run_maintenance_tasks(self) -> None:
         super().run_maintenance_tasks()  # type: ignore[no-untyped-call]
+        try:
+            recovered = self.recovery.run()
+        except Exception as e:  # the store or Redis being down must not stop the worker
+            log.warning("recovery_failed", error=f"{type(e).__name__}: {e}")
+        else:
+            if any(recovered.values()):
+                log.info("jobs_recovered", **recovered)
         blobs = self.runner.store.blobs
         if blobs is None:
             return
@@ -308,17 +373,32 @@ class FusionWorker(SimpleWorker):
             requested = job.timeout if isinstance(job.timeout, (int, float)) else None
         job.timeout = self.settings.effective_timeout_s(requested)
         self.prepare_execution(job)
-        with self._current(job), _Heartbeat(self, job):
+        cancellation = Cancellation()
+        with self._current(job, cancellation), _Heartbeat(self, job, cancellation):
             self.perform_job(job, queue)
         self.set_state("idle")
 
     @contextmanager
-    def _current(self, job: Job) -> Iterator[None]:
-        token = _CURRENT.set((self.runner, self, job))
+    def _current(self, job: Job, cancellation: Cancellation) -> Iterator[None]:
+        token = _CURRENT.set((self.runner, self, job, cancellation))
         try:
             yield
         finally:
             _CURRENT.reset(token)
+
+
+def running_job_ids(connection: Any, queue_names: Sequence[str]) -> set[str]:
+    """Ids of jobs some live worker is running now: an execution in a started-job registry whose
+    heartbeat has not expired. Expired executions are cleaned up first (RQ marks their jobs
+    failed), so a job missing here is not running anywhere."""
+    now_ts = current_timestamp()
+    running: set[str] = set()
+    for name in queue_names:
+        registry = StartedJobRegistry(name, connection=connection, serializer=JSONSerializer)
+        registry.cleanup(now_ts)
+        for member in connection.zrangebyscore(registry.key, now_ts, "+inf"):
+            running.add(registry.parse_job_id(member))
+    return running
 
 
 def worker_options(

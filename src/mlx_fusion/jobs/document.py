@@ -6,6 +6,7 @@ each failure raising the error whose ``code`` goes into the job document.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import uuid
@@ -21,6 +22,8 @@ from mlx_fusion.jobs.inputs import describe_validation_error
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 MAX_METADATA_KEYS = 32
 MAX_METADATA_VALUE_CHARS = 1024
+MAX_DEPTH = 64
+"""Deepest nesting of objects and arrays a job document may have."""
 
 
 class Kind(StrEnum):
@@ -130,6 +133,13 @@ class JobSpec(BaseModel):
         """The submitted fields as JSON-compatible data (what goes into Redis and MongoDB)."""
         return self.model_dump(mode="json", exclude_none=True)
 
+    def body_hash(self) -> str:
+        """What an idempotency key promises stays the same: a hash of every field but ``id``,
+        ``request_id`` and the key itself (SHA-256 of canonical JSON)."""
+        body = self.model_dump(mode="json", exclude={"id", "request_id", "idempotency_key"})
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
 
 class Job(BaseModel):
     """A validated job: its document plus its kind-specific input."""
@@ -139,6 +149,23 @@ class Job(BaseModel):
     spec: JobSpec
     kind: Kind
     input: BaseModel
+
+
+def _depth(raw: Any, limit: int) -> int:
+    """How deeply containers nest in ``raw``, counted without recursion and up to ``limit + 1``
+    (a hostile document may nest deeper than Python can recurse)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(raw, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list, tuple)):
+            depth += 1
+            deepest = max(deepest, depth)
+            if depth > limit:
+                return depth
+            items = value.values() if isinstance(value, dict) else value
+            stack.extend((item, depth) for item in items)
+    return deepest
 
 
 def _json_size(raw: Any) -> int:
@@ -153,10 +180,12 @@ def parse_spec(raw: Any, *, max_input_bytes: int) -> JobSpec:
     if isinstance(raw, (str, bytes)):
         try:
             raw = json.loads(raw)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise JobValidationError(f"job document is not valid JSON: {e}") from e
     if not isinstance(raw, dict):
         raise JobValidationError(f"job document must be a JSON object, got {type(raw).__name__}")
+    if _depth(raw, MAX_DEPTH) > MAX_DEPTH:
+        raise JobValidationError(f"job document nests deeper than {MAX_DEPTH} levels")
     size = _json_size(raw)
     if size > max_input_bytes:
         raise InputTooLarge(

@@ -16,7 +16,7 @@ from typing import Any
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from mlx_fusion.errors import JobStoreError
+from mlx_fusion.errors import IdempotencyConflict, JobStoreError
 from mlx_fusion.jobs.blobs import BlobStore, blob_ref
 from mlx_fusion.jobs.document import JobSpec, Status
 
@@ -50,6 +50,8 @@ def queued_document(spec: JobSpec, now: dt.datetime) -> Document:
     doc = spec.to_document()
     doc["_id"] = doc.pop("id")
     doc.update(status=Status.QUEUED.value, created_at=now, updated_at=now, attempts=0)
+    if spec.idempotency_key is not None:
+        doc["idempotency_hash"] = spec.body_hash()
     return doc
 
 
@@ -87,6 +89,18 @@ def start_update(
             },
             "$inc": {"attempts": 1},
             "$setOnInsert": on_insert,
+        },
+    )
+
+
+def requeue_update(job_id: str, attempts: int, now: dt.datetime) -> Update:
+    """processing -> queued for a job no worker runs any more (its worker died), guarded on the
+    attempt count seen, so two recoveries cannot both requeue it."""
+    return (
+        {"_id": job_id, "status": Status.PROCESSING.value, "attempts": attempts},
+        {
+            "$set": {"status": Status.QUEUED.value, "updated_at": now, "recovered_at": now},
+            "$inc": {"recoveries": 1},
         },
     )
 
@@ -152,9 +166,10 @@ def cancel_update(
     retention: dt.timedelta,
     *,
     webhook: Mapping[str, Any] | None = None,
+    running: bool = False,
 ) -> Update:
-    """queued -> cancelled, with the pending webhook delivery (a running job is not cancelled
-    here)."""
+    """queued -> cancelled (or, with ``running``, processing -> cancelled: the worker stopped the
+    job), with the pending webhook delivery."""
     sets = {
         "status": Status.CANCELLED.value,
         "finished_at": now,
@@ -162,7 +177,8 @@ def cancel_update(
         "expire_at": now + retention,
         **_outbox(webhook),
     }
-    return {"_id": job_id, "status": Status.QUEUED.value}, {"$set": sets}
+    before = Status.PROCESSING if running else Status.QUEUED
+    return {"_id": job_id, "status": before.value}, {"$set": sets}
 
 
 def _aware(value: Any) -> Any:
@@ -255,22 +271,37 @@ class JobStore:
             return None  # the document exists in a status this transition may not leave
         return to_record(doc) if doc else None
 
-    def _id_for_key(self, key: str | None) -> str | None:
-        if key is None:
+    def _id_for_key(self, spec: JobSpec) -> str | None:
+        """The job an idempotency key already names, or None; ``IdempotencyConflict`` when that
+        job was submitted with another body."""
+        if spec.idempotency_key is None:
             return None
-        existing = self._call(self.collection.find_one, {"idempotency_key": key}, {"_id": 1})
-        return str(existing["_id"]) if existing else None
+        existing = self._call(
+            self.collection.find_one,
+            {"idempotency_key": spec.idempotency_key},
+            {"_id": 1, "idempotency_hash": 1},
+        )
+        if existing is None:
+            return None
+        known = existing.get("idempotency_hash")
+        if known is not None and known != spec.body_hash():
+            raise IdempotencyConflict(
+                f"idempotency_key {spec.idempotency_key!r} was used for job {existing['_id']} "
+                "with a different body"
+            )
+        return str(existing["_id"])
 
     def insert(self, spec: JobSpec, now: dt.datetime | None = None) -> tuple[str, bool]:
         """Insert a queued job; returns (id, created). A known idempotency key returns the job
-        that key already names, with ``created`` False."""
-        if (known := self._id_for_key(spec.idempotency_key)) is not None:
+        that key already names, with ``created`` False, when the body is the same, and raises
+        ``IdempotencyConflict`` when it is not."""
+        if (known := self._id_for_key(spec)) is not None:
             return known, False
         try:
             self._call(self.collection.insert_one, queued_document(spec, now or utcnow()))
         except self._duplicate as e:
             # a concurrent submit with the same key won the unique index
-            if (known := self._id_for_key(spec.idempotency_key)) is not None:
+            if (known := self._id_for_key(spec)) is not None:
                 return known, False
             raise JobStoreError(f"job id {spec.id!r} already exists") from e
         return spec.id, True
@@ -404,8 +435,11 @@ class JobStore:
         now: dt.datetime | None = None,
         *,
         webhook: Mapping[str, Any] | None = None,
+        running: bool = False,
     ) -> Document | None:
-        """Cancel a job still queued (recording the pending ``webhook`` delivery); None if it is
-        not queued (running or finished)."""
-        update = cancel_update(job_id, now or utcnow(), self.retention, webhook=webhook)
+        """Cancel a job still queued (or, with ``running``, one its worker stopped), recording
+        the pending ``webhook`` delivery; None if it was not in that status."""
+        update = cancel_update(
+            job_id, now or utcnow(), self.retention, webhook=webhook, running=running
+        )
         return self.transition(update)

@@ -100,6 +100,16 @@ class Lease:
         """Run the job on the leased model: (OpenAI result, metrics)."""
         return self._registry._run(self._entry, job, timeout_s)
 
+    def cancel(self) -> None:
+        """Ask the job running on this model to stop at its next check."""
+        if self._entry.handle is not None:
+            self._entry.handle.cancel()
+
+    def kill(self) -> None:
+        """End the job running on this model by force (its model process is killed)."""
+        if self._entry.handle is not None:
+            self._entry.handle.kill()
+
 
 class ModelRegistry:
     """Loaded models within a count limit and a memory budget (see the module docstring)."""

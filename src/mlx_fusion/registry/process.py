@@ -41,6 +41,7 @@ from mlx_fusion.errors import (
     error_from_dict,
 )
 from mlx_fusion.jobs.document import parse_job
+from mlx_fusion.registry import cancel
 from mlx_fusion.registry.catalog import ModelSpec
 
 OOM_MARKERS = (
@@ -93,6 +94,12 @@ class ModelHandle(Protocol):
     ) -> tuple[dict[str, Any], dict[str, Any], MemoryReport]: ...
 
     def stop(self, grace_s: float = 5.0) -> None: ...
+
+    def cancel(self) -> None:
+        """Ask the job in flight to stop at its next check (see ``registry.cancel``)."""
+
+    def kill(self) -> None:
+        """End the job in flight by force, when the holder can (a model process can)."""
 
     @property
     def alive(self) -> bool: ...
@@ -167,10 +174,15 @@ def _exit_with_parent() -> None:
 
 
 def _child_main(
-    conn: Connection, spec_data: dict[str, Any], kind_module: str, max_input_bytes: int
+    conn: Connection,
+    spec_data: dict[str, Any],
+    kind_module: str,
+    max_input_bytes: int,
+    cancel_flag: Any,
 ) -> None:
     # Ctrl-C on the worker's terminal reaches this process group too; the parent stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cancel.install(cancel_flag)
     try:  # stdout belongs to the worker (its logs); whatever the model prints goes to stderr
         sys.stdout.flush()
         os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
@@ -220,6 +232,7 @@ class ModelProcess:
         self._pid: int | None = None
         self._exitcode: int | None = None
         self._dead = False
+        self._cancel: Any = None
 
     @property
     def alive(self) -> bool:
@@ -245,6 +258,7 @@ class ModelProcess:
         began = time.perf_counter()
         ctx = multiprocessing.get_context("spawn")
         parent_conn, child_conn = ctx.Pipe()
+        self._cancel = ctx.Event()
         process = ctx.Process(
             target=_child_main,
             args=(
@@ -252,6 +266,7 @@ class ModelProcess:
                 self.spec.model_dump(mode="json"),
                 self.kind_module,
                 self.max_input_bytes,
+                self._cancel,
             ),
             name=f"mlx-fusion-model:{self.spec.id}",
             daemon=True,
@@ -293,6 +308,8 @@ class ModelProcess:
             if not self.alive or self._conn is None:
                 raise ModelCrashed(f"model {self.spec.id!r}: model process is not running")
             try:
+                if self._cancel is not None:
+                    self._cancel.clear()
                 self._conn.send(("run", job_document))
                 status, payload = self._receive(timeout_s, during="job")
             except _Timeout:
@@ -306,6 +323,17 @@ class ModelProcess:
         if status != "ok":
             raise error_from_dict(payload)
         return payload["result"], payload["metrics"], MemoryReport(**payload["memory"])
+
+    def cancel(self) -> None:
+        """Set the child's cancel flag: the job in flight stops at its next check."""
+        if self._cancel is not None:
+            self._cancel.set()
+
+    def kill(self) -> None:
+        """SIGKILL the child now: the job in flight ends (``ModelCrashed``), the model unloads."""
+        process = self._process
+        if process is not None and process.exitcode is None:
+            process.kill()
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Ask the child to exit, wait ``grace_s``, SIGTERM, wait ``TERM_WAIT_S``, SIGKILL; reap it.
@@ -417,11 +445,19 @@ class InProcessModel:
         with self._lock:
             if self._kind is None:
                 raise ModelCrashed(f"model {self.spec.id!r}: model is not loaded")
+            cancel.flag().clear()
             try:
                 return _run(self._kind, self._model, job_document, self.max_input_bytes)
             except Exception as e:
                 context = f"model {self.spec.id!r}"
                 raise error_from_dict(error_reply(e, InferenceError, context)) from e
+
+    def cancel(self) -> None:
+        """Set this process's cancel flag: the job in flight stops at its next check."""
+        cancel.flag().set()
+
+    def kill(self) -> None:
+        """Nothing: a job in this process can only stop at a check."""
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Drop the model (after the kind's ``unload(model)``, which clears library-level caches,

@@ -53,6 +53,7 @@ from mlx_fusion.jobs.inputs.image import (
     ImageGenerationInput,
     fit_size,
 )
+from mlx_fusion.registry import cancel
 from mlx_fusion.registry.catalog import ModelKind, ModelSpec
 from mlx_fusion.registry.kinds.image_families import EditMode, Family, detect_family
 
@@ -418,6 +419,7 @@ def run(model: LoadedImageModel, job: Job) -> tuple[dict[str, Any], dict[str, An
         start = time.perf_counter()
         data = []
         for seed in seeds:
+            cancel.check()
             kwargs = generate_kwargs(
                 mode,
                 seed=seed,

@@ -21,6 +21,7 @@ from mlx_fusion.errors import InvalidInput, ModelLoadError
 from mlx_fusion.jobs.document import Job, Kind
 from mlx_fusion.jobs.inputs import ChatCompletionInput, CompletionInput, SamplingParams
 from mlx_fusion.jobs.inputs.text import Tool
+from mlx_fusion.registry import cancel
 from mlx_fusion.registry.catalog import ModelSpec
 from mlx_fusion.registry.kinds.lm_json import JsonLogitsProcessor, JsonTokenIndex, TokenVocab
 from mlx_fusion.registry.kinds.lm_schema import SchemaError, check_schema, schema_violation
@@ -268,6 +269,7 @@ def generate(
         sampler=sampler,
         logits_processors=processors,
     ):
+        cancel.check()
         if top_logprobs is not None and response.finish_reason != "stop":  # "stop": an EOS token
             entries.append(_token_logprob(response, top_logprobs))
         search_from = max(0, len(text) - longest_stop)

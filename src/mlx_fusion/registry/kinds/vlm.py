@@ -24,6 +24,7 @@ from mlx_fusion.jobs.document import Job, Kind
 from mlx_fusion.jobs.files import decode_data_url, read_input_file
 from mlx_fusion.jobs.inputs import ChatCompletionInput
 from mlx_fusion.jobs.inputs.text import ImagePart
+from mlx_fusion.registry import cancel
 from mlx_fusion.registry.catalog import ModelSpec
 from mlx_fusion.registry.kinds.lm import Generation, completion_object, earliest_stop
 
@@ -235,6 +236,7 @@ def generate(vlm: LoadedVLM, job_input: ChatCompletionInput) -> Generation:
         max_tokens=job_input.token_limit(vlm.spec.default_max_tokens),
         **sampling,
     ):
+        cancel.check()
         search_from = max(0, len(text) - longest_stop)
         text += response.text
         completion_tokens = max(completion_tokens, response.generation_tokens)
