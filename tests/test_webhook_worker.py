@@ -17,7 +17,15 @@ from typing import Any
 
 import pytest
 import slow_kind
-from conftest import REPO, TINY_MODEL, build_worker, fusion_env, run_python, settings_from_env
+from conftest import (
+    REPO,
+    TINY_MODEL,
+    build_worker,
+    fusion_env,
+    run_python,
+    settings_from_env,
+    wait_for,
+)
 from redis import Redis
 from rq import Queue
 from webhook_helpers import Reply, http_receiver
@@ -93,13 +101,6 @@ def start_process(env: dict[str, str]) -> Iterator[Callable[..., subprocess.Pope
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 KILLED_BEFORE_ENQUEUE = f"""

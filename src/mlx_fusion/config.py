@@ -47,12 +47,20 @@ class Settings(BaseSettings):
 
     redis_url: str | None = Field(
         default=None,
-        description="Redis URL; unset means a throwaway local redis-server (single host, dev).",
+        repr=False,  # it may carry a password
+        description="Redis URL; unset means a throwaway local redis-server (single host, dev). "
+        "redis://user:password@host:6379/0, rediss:// for TLS, unix:///path for a socket.",
     )
     mongo_url: str | None = Field(
         default=None,
+        repr=False,  # it may carry a password
         description="MongoDB URL; unset means the embedded job store in data_dir (single host, "
         "dev). 'mongomock://' gives an in-process store (tests).",
+    )
+    redis_retry_s: float = Field(
+        default=defaults.REDIS_RETRY_S,
+        ge=0,
+        description="How long a Redis command keeps retrying (a Redis restart) before it fails.",
     )
     mongo_db: str = defaults.MONGO_DB
     data_dir: Path = Field(default_factory=_default_data_dir)
@@ -218,6 +226,10 @@ class Settings(BaseSettings):
     def queue_name(self, priority: str) -> str:
         """The RQ queue a job of this priority goes to."""
         return f"{self.queue_prefix}:{priority}"
+
+    def spooled_key(self, job_id: str) -> str:
+        """The Redis key marking a job whose final write waits in a worker's spool."""
+        return f"{self.queue_prefix}:spooled:{job_id}"
 
     def cancel_key(self, job_id: str) -> str:
         """The Redis key whose presence cancels the running job ``job_id``."""

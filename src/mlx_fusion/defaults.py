@@ -14,6 +14,9 @@ PRIORITIES = ("high", "default", "low")
 JOBS_COLLECTION = "jobs"
 """MongoDB collection holding one document per job, ``_id`` = job id."""
 
+REDIS_RETRY_S = 60.0
+"""How long a Redis command keeps retrying through a Redis restart before it fails."""
+
 MONGO_DB = "mlx_fusion"
 """Default MongoDB database name."""
 

@@ -10,10 +10,11 @@ Run by idle GPU workers every ``recovery_interval_s`` (and at start):
 - a ``queued`` record with no RQ job queued, scheduled or running (Redis lost it, or the producer
   died between writing the record and enqueuing) is enqueued again from the record.
 
-Records younger than ``recovery_grace_s`` are left alone. A dead worker's job is noticed once
-its heartbeat expires (``HEARTBEAT_GRACE_INTERVALS`` x ``heartbeat_interval_s``) and recovered at
-the next recovery run after that. Every change is a guarded update, so concurrent recoveries on
-several workers act once.
+Records younger than ``recovery_grace_s`` are left alone, and so are jobs whose final write waits
+in a worker's spool (the store was down when they finished; a Redis marker says so). A dead
+worker's job is noticed once its heartbeat expires (``HEARTBEAT_GRACE_INTERVALS`` x
+``heartbeat_interval_s``) and recovered at the next recovery run after that. Every change is a
+guarded update, so concurrent recoveries on several workers act once.
 """
 
 from __future__ import annotations
@@ -86,8 +87,11 @@ class JobRecovery:
         counts = {"requeued": 0, "failed": 0, "enqueued": 0, "skipped": 0}
         stale = {"status": Status.PROCESSING.value, "updated_at": {"$lte": cutoff}}
         for record in self.store.find(stale, sort="updated_at", limit=_BATCH):
-            if record["id"] not in running:
-                counts[self._recover_processing(record, now)] += 1
+            if record["id"] in running:
+                continue
+            if self.connection.exists(self.settings.spooled_key(str(record["id"]))):
+                continue  # finished; its result waits in a worker's spool for the store
+            counts[self._recover_processing(record, now)] += 1
         waiting = {"status": Status.QUEUED.value, "updated_at": {"$lte": cutoff}}
         for record in self.store.find(waiting, sort="updated_at", limit=_BATCH):
             rq_job = self._rq_job(str(record["id"]))

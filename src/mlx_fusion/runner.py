@@ -23,6 +23,7 @@ from mlx_fusion.errors import (
 )
 from mlx_fusion.jobs.blobs import BlobWriter, blob_ref
 from mlx_fusion.jobs.document import Job, Webhook, parse_job
+from mlx_fusion.jobs.spool import Spool
 from mlx_fusion.jobs.store import Document, JobStore, elapsed_ms, utcnow
 from mlx_fusion.registry import ModelRegistry
 from mlx_fusion.webhooks.outbox import pending_delivery
@@ -77,6 +78,7 @@ class JobRunner:
         registry: ModelRegistry,
         *,
         notify: Callable[[Document], Any] | None = None,
+        spool: Spool | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -84,6 +86,10 @@ class JobRunner:
         self.notify = notify
         """Called with the record of every job this runner finishes that has a pending webhook
         delivery (the worker queues its first attempt)."""
+        self.spool = spool or Spool(settings.data_dir / "spool")
+        self.mark_spooled: Callable[[str, bool], Any] | None = None
+        """Called with (job id, True) when a job's final write is spooled and (job id, False)
+        once it is written (the worker keeps a Redis marker, so recovery leaves the job alone)."""
 
     def _finished(self, record: Document | None) -> Document | None:
         if record is not None and self.notify is not None and record.get("webhook"):
@@ -93,12 +99,48 @@ class JobRunner:
                 log.warning("webhook_notify_failed", error=f"{type(e).__name__}: {e}")
         return record
 
+    def _final(self, op: str, job_id: str, **kwargs: Any) -> tuple[Document | None, bool]:
+        """``store.<op>(job_id, **kwargs)``, the job's final write; when the store is down the
+        write is spooled to disk instead. Returns (the record, or None; spooled)."""
+        try:
+            return self._finished(getattr(self.store, op)(job_id, **kwargs)), False
+        except JobStoreError as e:
+            kwargs.setdefault("now", utcnow())  # the time it finished, not the time it is written
+            self.spool.put(job_id, op, **kwargs)
+            self._mark(job_id, True)
+            log.error("job_write_spooled", op=op, error=e.message, spool=str(self.spool.directory))
+            return None, True
+
+    def _mark(self, job_id: str, spooled: bool) -> None:
+        if self.mark_spooled is not None:
+            try:
+                self.mark_spooled(job_id, spooled)
+            except Exception as e:  # a missing marker costs at worst a duplicate run
+                log.warning("spool_marker_failed", job_id=job_id, error=f"{type(e).__name__}: {e}")
+
+    def flush_spool(self) -> int:
+        """Write spooled final writes to the store, oldest first; stops at the first store error
+        (still down). Returns how many were written."""
+        written = 0
+        for entry in self.spool.entries():
+            try:
+                record = getattr(self.store, entry.op)(entry.job_id, **entry.kwargs)
+            except JobStoreError:
+                break
+            self._finished(record)
+            entry.path.unlink(missing_ok=True)
+            self._mark(entry.job_id, False)
+            written += 1
+            log.info("job_write_unspooled", job_id=entry.job_id, op=entry.op, applied=bool(record))
+        return written
+
     def reject(self, job_id: str, raw: Any, error: FusionError) -> None:
         """Record a job that will not run (invalid document, refused function) as failed."""
         log.warning("job_rejected", job_id=job_id, code=error.code, error=error.message)
         webhook = pending_delivery(webhook_of(raw), job_id, "failed", utcnow())
-        doc = self.store.fail(job_id, error.to_dict(), spec_doc=safe_fields(raw), webhook=webhook)
-        self._finished(doc)
+        self._final(
+            "fail", job_id, error=error.to_dict(), spec_doc=safe_fields(raw), webhook=webhook
+        )
 
     def _blob_writer(self, job: Job) -> BlobWriter:
         def put(name: str, data: bytes, content_type: str) -> dict[str, Any]:
@@ -115,7 +157,7 @@ class JobRunner:
 
     def _cancelled(self, job: Job, webhook: Any, cause: BaseException) -> dict[str, Any]:
         outbox = pending_delivery(webhook, job.spec.id, "cancelled", utcnow())
-        self._finished(self.store.cancel(job.spec.id, webhook=outbox, running=True))
+        self._final("cancel", job.spec.id, webhook=outbox, running=True)
         log.info("job_cancelled", stopped_by=type(cause).__name__)
         return {"id": job.spec.id, "status": "cancelled"}
 
@@ -174,23 +216,22 @@ class JobRunner:
                 return self._cancelled(job, webhook, e)
             err = e if isinstance(e, FusionError) else InferenceError(f"{type(e).__name__}: {e}")
             outbox = pending_delivery(webhook, job.spec.id, "failed", utcnow())
-            self._finished(
-                self.store.fail(job.spec.id, error_dict(err), metrics=metrics, webhook=outbox)
-            )
+            self._final("fail", job.spec.id, error=error_dict(err), metrics=metrics, webhook=outbox)
             log.warning("job_failed", code=err.code, error=str(err))
             if err is e:
                 raise
             raise err from e
         metrics.update(run_metrics)
-        done = self._finished(
-            self.store.complete(
-                job.spec.id,
-                result,
-                metrics,
-                max_inline_bytes=self.settings.max_result_bytes,
-                webhook=pending_delivery(webhook, job.spec.id, "completed", utcnow()),
-            )
+        done, spooled = self._final(
+            "complete",
+            job.spec.id,
+            result=result,
+            metrics=metrics,
+            max_inline_bytes=self.settings.max_result_bytes,
+            webhook=pending_delivery(webhook, job.spec.id, "completed", utcnow()),
         )
+        if spooled:
+            return {"id": job.spec.id, "status": "completed", "spooled": True}
         if done is None:
             log.warning("job_result_discarded", reason="job no longer processing")
             return {"id": job.spec.id, "status": "discarded"}

@@ -3,6 +3,7 @@ pieces a worker is built from. Nothing here runs at import time."""
 
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 import time
@@ -12,7 +13,11 @@ from typing import TYPE_CHECKING
 
 import structlog
 from redis import Redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 
 from mlx_fusion.config import Settings
 from mlx_fusion.errors import FusionError
@@ -23,6 +28,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 _START_TIMEOUT_S = 10.0
+_RETRY_CAP_S = 2.0
 
 
 def embedded_socket(settings: Settings) -> Path:
@@ -119,7 +125,15 @@ def redis_connection(settings: Settings) -> Redis:
                 "no Redis configured (FUSION_REDIS_URL) and no embedded redis-server running; "
                 "start `mlx-fusion worker` (it starts one) or set FUSION_REDIS_URL"
             )
-    return Redis.from_url(url)
+    # ride out a Redis restart: every command retries with backoff for about redis_retry_s
+    # before the error reaches the caller (redis-py's own default gives up within a second)
+    retries = math.ceil(settings.redis_retry_s / _RETRY_CAP_S) + 3
+    return Redis.from_url(
+        url,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=_RETRY_CAP_S), retries),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        health_check_interval=30,
+    )
 
 
 def build_runner(settings: Settings) -> JobRunner:

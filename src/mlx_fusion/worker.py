@@ -312,6 +312,7 @@ class FusionWorker(SimpleWorker):
 
             outbox = Outbox(self.settings, self.runner.store, self.connection)
             self.runner.notify = outbox.notify
+        self.runner.mark_spooled = self._mark_spooled
         from mlx_fusion.recovery import JobRecovery
 
         self.recovery = JobRecovery(
@@ -342,9 +343,17 @@ class FusionWorker(SimpleWorker):
                 except FusionError as e:  # its jobs will report the error; the worker serves
                     log.error("pinned_model_failed", model=spec.id, code=e.code, error=e.message)
 
+    def _mark_spooled(self, job_id: str, spooled: bool) -> None:
+        key = self.settings.spooled_key(job_id)
+        if spooled:
+            self.connection.set(key, self.name, ex=int(self.settings.retention_days * 86400))
+        else:
+            self.connection.delete(key)
+
     def run_maintenance_tasks(self) -> None:
         super().run_maintenance_tasks()  # type: ignore[no-untyped-call]
-        try:
+        try:  # results kept while the store was down go first, so recovery sees them written
+            self.runner.flush_spool()
             recovered = self.recovery.run()
         except Exception as e:  # the store or Redis being down must not stop the worker
             log.warning("recovery_failed", error=f"{type(e).__name__}: {e}")

@@ -382,7 +382,8 @@ class JobStore:
         if max_inline_bytes is not None and self.blobs is not None:
             data = json.dumps(result, separators=(",", ":")).encode()
             if len(data) > max_inline_bytes:
-                blob_id = self.blobs.put(
+                blob_id = self._call(
+                    self.blobs.put,
                     job_id,
                     "result.json",
                     data,
