@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import slow_kind
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, fusion_env, run_python, settings_from_env
+from redis import Redis
 
+from mlx_fusion.client import Client
+from mlx_fusion.jobs.backends import connect_store
 from mlx_fusion.registry.catalog import ModelKind
 
 LONG_S = 60.0
@@ -81,3 +85,18 @@ def test_job_that_ignores_the_check_is_killed_after_the_grace_time(
 
 def test_cancel_of_an_unknown_job_is_refused(client: Any) -> None:
     assert not client.cancel("no-such-job")
+
+
+def test_cli_cancels_a_queued_job_then_refuses_it_finished(
+    tmp_path: Path, redis_url: str, catalog_path: Path, redis: Redis
+) -> None:
+    env = fusion_env(tmp_path, redis_url, catalog_path)
+    settings = settings_from_env(env)
+    store = connect_store(settings)
+    job_id = Client(settings, redis, store).submit(sleeping(0))
+    done = run_python(env, "-m", "mlx_fusion", "cancel", job_id, timeout_s=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "cancelled"
+    assert store.get(job_id)["status"] == "cancelled"  # type: ignore[index]
+    again = run_python(env, "-m", "mlx_fusion", "cancel", job_id, timeout_s=60)
+    assert again.returncode == 1 and "already finished" in again.stdout

@@ -677,3 +677,26 @@ def test_masks_follow_openai_transparency_else_white_means_repaint() -> None:
     buf = io.BytesIO()
     opaque.save(buf, format="PNG")
     assert mask_pixels(buf.getvalue()) == (255, 0)  # alpha all opaque: read as grey levels
+
+
+def test_a_cancelled_image_job_stops_at_the_next_denoising_step() -> None:
+    from types import SimpleNamespace
+
+    from mflux.callbacks.callback_registry import CallbackRegistry
+
+    from mlx_fusion.errors import JobCancelled
+    from mlx_fusion.registry import cancel
+    from mlx_fusion.registry.kinds.image import watch_cancellation
+
+    pipeline = SimpleNamespace(callbacks=CallbackRegistry())  # what mflux models carry
+    assert watch_cancellation(pipeline)
+    steps = [0, 1, 2]
+    ctx = pipeline.callbacks.start(seed=1, prompt="a fox", config=SimpleNamespace(time_steps=steps))
+    ctx.in_loop(0, latents=None, time_steps=steps)  # not cancelled: the loop goes on
+    cancel.flag().set()
+    try:
+        with pytest.raises(JobCancelled):
+            ctx.in_loop(1, latents=None, time_steps=steps)
+    finally:
+        cancel.flag().clear()
+    assert not watch_cancellation(SimpleNamespace())  # a pipeline without callbacks

@@ -29,7 +29,7 @@ from mlx_fusion.client import Client
 from mlx_fusion.config import Settings
 from mlx_fusion.jobs.backends import connect_store
 from mlx_fusion.jobs.document import JobSpec
-from mlx_fusion.jobs.store import JobStore
+from mlx_fusion.jobs.store import JobStore, utcnow
 from mlx_fusion.recovery import JobRecovery
 from mlx_fusion.registry.catalog import ModelKind
 from mlx_fusion.worker import running_job_ids
@@ -86,8 +86,9 @@ def test_job_of_a_killed_worker_runs_again_on_another(
     queues = settings_.queue_names()
     wait_for(lambda: job_id not in running_job_ids(redis, queues), 30, "the heartbeat to expire")
     noticed_s = time.monotonic() - killed_at
+    print(f"recovery: the killed worker's job was noticed {noticed_s:.2f} s after SIGKILL")
     heartbeat_ttl_s = 6 * settings_.heartbeat_interval_s
-    assert noticed_s <= heartbeat_ttl_s + 1.0, noticed_s
+    assert noticed_s <= heartbeat_ttl_s + 2.0, noticed_s
     assert shared_store.get(job_id)["status"] == "processing"  # type: ignore[index]
 
     build_worker(settings_, redis, shared_store, {ModelKind.LM: slow_kind}).work(burst=True)
@@ -149,3 +150,16 @@ def test_queued_job_still_on_its_queue_is_left_alone(
 ) -> None:
     Client(settings_, redis, shared_store).submit(job(0))
     assert JobRecovery(settings_, shared_store, redis).run()["enqueued"] == 0
+
+
+def test_a_record_that_cannot_be_rerun_does_not_stop_the_others(
+    settings_: Settings, shared_store: JobStore, redis: Redis
+) -> None:
+    broken = {"_id": "broken", "status": "queued", "kind": "completion", "updated_at": utcnow()}
+    broken["created_at"] = broken["updated_at"]
+    shared_store.collection.insert_one(broken)  # no model, no input: no job document from it
+    good = Client(settings_, redis, shared_store).submit(job(0))
+    redis.flushdb()  # both lost their RQ job
+    counts = JobRecovery(settings_, shared_store, redis).run()
+    assert counts["enqueued"] == 1
+    assert redis.lrange(f"rq:queue:{settings_.queue_name('default')}", 0, -1) == [good.encode()]

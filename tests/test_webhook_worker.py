@@ -27,7 +27,7 @@ from conftest import (
     wait_for,
 )
 from redis import Redis
-from rq import Queue
+from rq import Queue, Worker
 from webhook_helpers import Reply, http_receiver
 
 from mlx_fusion.client import Client
@@ -191,10 +191,12 @@ def test_worker_processes_deliver_side_by_side(
     env["FUSION_WEBHOOK_TIMEOUT_S"] = "20"
     settings = settings_from_env(env)
     client = Client(settings, redis, shared_store)
+    webhook_queue = Queue(settings.webhook_queue_name(), connection=redis)
     with http_receiver(replies=[Reply(204, delay_s=4.0)]) as receiver:
+        start_process("webhook-worker", "--processes", "3")
+        wait_for(lambda: len(Worker.all(queue=webhook_queue)) == 3, 60, "three worker processes")
         ids = [client.submit(chat(receiver.url)) for _ in range(3)]
         build_worker(settings, redis, shared_store, {ModelKind.LM: slow_kind}).work(burst=True)
-        start_process("webhook-worker", "--processes", "3")
         wait_for(lambda: len(receiver.received) == 3, 60, "three deliveries")
         assert receiver.answered == 0  # all three were in flight at once
         wait_for(

@@ -20,11 +20,13 @@ guarded update, so concurrent recoveries on several workers act once.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import structlog
 from redis import Redis
+from redis.exceptions import RedisError
 from rq.exceptions import NoSuchJobError
 from rq.job import Job as RQJob
 from rq.job import JobStatus
@@ -32,7 +34,7 @@ from rq.serializers import JSONSerializer
 
 from mlx_fusion.client import enqueue_spec
 from mlx_fusion.config import Settings
-from mlx_fusion.errors import WorkerLost
+from mlx_fusion.errors import JobStoreError, WorkerLost
 from mlx_fusion.jobs.document import JobSpec, Status
 from mlx_fusion.jobs.store import Document, JobStore, requeue_update, utcnow
 from mlx_fusion.webhooks.outbox import pending_delivery
@@ -91,17 +93,31 @@ class JobRecovery:
                 continue
             if self.connection.exists(self.settings.spooled_key(str(record["id"]))):
                 continue  # finished; its result waits in a worker's spool for the store
-            counts[self._recover_processing(record, now)] += 1
+            with self._isolated(record):
+                counts[self._recover_processing(record, now)] += 1
         waiting = {"status": Status.QUEUED.value, "updated_at": {"$lte": cutoff}}
         for record in self.store.find(waiting, sort="updated_at", limit=_BATCH):
-            rq_job = self._rq_job(str(record["id"]))
-            status = rq_job.get_status(refresh=False) if rq_job is not None else None
-            if status in _WAITING or record["id"] in running:
-                continue
-            self._enqueue(record)
-            counts["enqueued"] += 1
-            log.warning("job_reenqueued", job_id=record["id"], rq_status=status)
+            with self._isolated(record):
+                rq_job = self._rq_job(str(record["id"]))
+                status = rq_job.get_status(refresh=False) if rq_job is not None else None
+                if status in _WAITING or record["id"] in running:
+                    continue
+                self._enqueue(record)
+                counts["enqueued"] += 1
+                log.warning("job_reenqueued", job_id=record["id"], rq_status=status)
         return counts
+
+    @contextmanager
+    def _isolated(self, record: Document) -> Iterator[None]:
+        """One record that cannot be recovered (a record no job document can be rebuilt from)
+        must not stop the recovery of the others; store and Redis errors still end the pass."""
+        try:
+            yield
+        except (JobStoreError, RedisError):
+            raise
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+            log.error("job_unrecoverable", job_id=record.get("id"), error=error)
 
     def _recover_processing(self, record: Document, now: dt.datetime) -> str:
         job_id, attempts = str(record["id"]), int(record.get("attempts") or 0)

@@ -22,7 +22,7 @@ from typing import Any
 OPERATIONS = frozenset({"complete", "fail", "cancel"})
 """The job-store methods a spool entry may name."""
 
-_SAFE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_SAFE = re.compile(r"^[A-Za-z0-9_-]{1,240}$")  # RQ job ids; short enough for a file name
 
 
 def _encode(value: Any) -> Any:

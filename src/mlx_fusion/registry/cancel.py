@@ -3,8 +3,9 @@
 The process holding a model has one cancel flag (a ``multiprocessing`` event shared with the
 worker for a model process, a ``threading`` event in-process). The worker sets it when Tier 2
 cancels the running job; kinds call ``check()`` between tokens (language and vision models) or
-between images, which raises ``JobCancelled`` and ends the job at once. A kind stuck in native
-code never reaches ``check()``: the worker kills its process after a grace time instead.
+denoising steps (image models), which raises ``JobCancelled`` and ends the job at once. A kind
+stuck in native code never reaches ``check()``: the worker kills its process after a grace time
+instead.
 """
 
 from __future__ import annotations

@@ -197,7 +197,27 @@ def load(spec: ModelSpec, *, opener: PipelineOpener = open_pipeline) -> LoadedIm
             f"model {spec.id!r}: mflux could not load {family.title} from {path}: "
             f"{type(e).__name__}: {e}"
         ) from e
+    watch_cancellation(pipeline)
     return LoadedImageModel(spec=spec, family=family, pipeline=pipeline)
+
+
+class CancelCheck:
+    """An mflux in-loop callback: a cancelled job stops at its next denoising step (the
+    ``JobCancelled`` it raises leaves mflux's loop, which only catches ``KeyboardInterrupt``)."""
+
+    def call_in_loop(
+        self, t: int, seed: int, prompt: str, latents: Any, config: Any, time_steps: Any
+    ) -> None:
+        cancel.check()
+
+
+def watch_cancellation(pipeline: Any) -> bool:
+    """Register ``CancelCheck`` with the pipeline's mflux callback registry, when it has one."""
+    callbacks = getattr(pipeline, "callbacks", None)
+    if callbacks is None or not callable(getattr(callbacks, "register", None)):
+        return False
+    callbacks.register(CancelCheck())
+    return True
 
 
 # ----- images in and out (both processes) --------------------------------------------------------
