@@ -59,7 +59,8 @@ class Client:
 
     def submit(self, job: JobSpec | Mapping[str, Any]) -> str:
         """Validate, store as queued and enqueue; returns the job id. A job whose
-        ``idempotency_key`` was seen before is not enqueued again: its first id is returned."""
+        ``idempotency_key`` was seen before with the same body is not enqueued again: its first
+        id is returned (``IdempotencyConflict`` when the body differs)."""
         raw = job.to_document() if isinstance(job, JobSpec) else job
         spec = parse_job(raw, max_input_bytes=self.settings.max_input_bytes).spec
         job_id, created = self.store.insert(spec)
@@ -128,21 +129,21 @@ class Client:
         unknown or already finished."""
         from mlx_fusion.webhooks.outbox import Outbox, pending_delivery
 
-        current = self.store.get(job_id)
-        if current is None:
-            return False
+        current = self.store.get(job_id) or {}
+        if current.get("status") == "queued":
+            webhook = pending_delivery(current.get("webhook"), job_id, "cancelled", utcnow())
+            done = self.store.cancel(job_id, webhook=webhook)
+            if done is not None:
+                Outbox(self.settings, self.store, self.redis).notify(done)
+                try:
+                    rq_job = RQJob.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
+                    rq_job.cancel()
+                except (NoSuchJobError, InvalidJobOperation, RedisError):
+                    pass  # the store already says cancelled, so a worker that dequeues it skips it
+                return True
+            current = self.store.get(job_id) or {}  # a worker took it meanwhile
         if current.get("status") == "processing":
             ttl_s = self.settings.job_timeout_max_s + 60
             self.redis.set(self.settings.cancel_key(job_id), "1", ex=ttl_s)
             return True
-        webhook = pending_delivery(current.get("webhook"), job_id, "cancelled", utcnow())
-        done = self.store.cancel(job_id, webhook=webhook)
-        if done is None:
-            return False
-        Outbox(self.settings, self.store, self.redis).notify(done)
-        try:
-            rq_job = RQJob.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
-            rq_job.cancel()
-        except (NoSuchJobError, InvalidJobOperation, RedisError):
-            pass  # the store already says cancelled, so a worker that dequeues it skips it
-        return True
+        return False
