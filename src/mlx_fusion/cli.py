@@ -506,6 +506,34 @@ def webhooks_new_secret() -> None:
     typer.echo(generate_secret())
 
 
+@app.command("config-reference")
+def config_reference(
+    out: Annotated[Path | None, typer.Option(help="Write here instead of stdout.")] = None,
+) -> None:
+    """Print (or write) the configuration reference: every FUSION_ variable, default, meaning."""
+    from mlx_fusion.reference import configuration_reference
+
+    text = configuration_reference()
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    out.write_text(text, encoding="utf-8")
+    typer.echo(f"wrote {out}")
+
+
+@app.command("schema")
+def schema_command(
+    out: Annotated[Path, typer.Option(help="Folder for the JSON Schema files.")] = Path(
+        "docs/schemas"
+    ),
+) -> None:
+    """Write the JSON Schemas of the Tier-2 contract (job document, each kind's input)."""
+    from mlx_fusion.reference import write_schemas
+
+    for path in write_schemas(out):
+        typer.echo(f"wrote {path}")
+
+
 def main() -> None:
     """Console entry point."""
     app()

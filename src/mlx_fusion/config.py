@@ -62,12 +62,30 @@ class Settings(BaseSettings):
         ge=0,
         description="How long a Redis command keeps retrying (a Redis restart) before it fails.",
     )
-    mongo_db: str = defaults.MONGO_DB
-    data_dir: Path = Field(default_factory=_default_data_dir)
-    queue_prefix: str = Field(default=defaults.QUEUE_PREFIX, pattern=r"^[A-Za-z0-9_.:-]+$")
-    job_timeout_default_s: int = Field(default=defaults.JOB_TIMEOUT_DEFAULT_S, gt=0)
-    job_timeout_max_s: int = Field(default=defaults.JOB_TIMEOUT_MAX_S, gt=0)
-    max_input_bytes: int = Field(default=defaults.MAX_INPUT_BYTES, gt=0)
+    mongo_db: str = Field(default=defaults.MONGO_DB, description="MongoDB database name.")
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        description="The embedded job store, the embedded Redis socket, the demo model and the "
+        "spool of results kept while the store is down.",
+    )
+    queue_prefix: str = Field(
+        default=defaults.QUEUE_PREFIX,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="Queues are <prefix>:high, :default, :low and :webhooks.",
+    )
+    job_timeout_default_s: int = Field(
+        default=defaults.JOB_TIMEOUT_DEFAULT_S,
+        gt=0,
+        description="Timeout of a job that names none.",
+    )
+    job_timeout_max_s: int = Field(
+        default=defaults.JOB_TIMEOUT_MAX_S,
+        gt=0,
+        description="No job runs longer, whatever it asks.",
+    )
+    max_input_bytes: int = Field(
+        default=defaults.MAX_INPUT_BYTES, gt=0, description="Largest job document, as JSON."
+    )
     max_file_bytes: int = Field(
         default=defaults.MAX_FILE_BYTES,
         gt=0,
@@ -78,15 +96,28 @@ class Settings(BaseSettings):
         gt=0,
         description="Results larger than this (as JSON) are stored as blobs, not in the record.",
     )
-    catalog_path: Path = Path("models.toml")
+    catalog_path: Path = Field(default=Path("models.toml"), description="The model catalog.")
     input_dir: Path | None = Field(
         default=None,
         description="The only folder whose files jobs may reference (audio, images); unset: "
         "jobs carry their data inline.",
     )
-    retention_days: float = Field(default=defaults.RETENTION_DAYS, gt=0)
-    heartbeat_interval_s: float = Field(default=defaults.HEARTBEAT_INTERVAL_S, gt=0)
-    result_ttl_s: int = Field(default=defaults.RESULT_TTL_S, gt=0)
+    retention_days: float = Field(
+        default=defaults.RETENTION_DAYS,
+        gt=0,
+        description="Finished job records (and their blobs) are deleted this long after they end.",
+    )
+    heartbeat_interval_s: float = Field(
+        default=defaults.HEARTBEAT_INTERVAL_S,
+        gt=0,
+        description="Heartbeat period while a job runs; a job is taken as abandoned after 6 "
+        "missed beats.",
+    )
+    result_ttl_s: int = Field(
+        default=defaults.RESULT_TTL_S,
+        gt=0,
+        description="How long RQ keeps its own small record of a finished job.",
+    )
     registry_mode: Literal["process", "inprocess"] = Field(
         default="process",
         description="process: each model in its own spawned process (production); inprocess: "
@@ -101,14 +132,29 @@ class Settings(BaseSettings):
         le=1,
         description="Fraction of the device's recommended working set (system memory on CPU).",
     )
-    max_loaded_models: int = Field(default=defaults.MAX_LOADED_MODELS, ge=1)
+    max_loaded_models: int = Field(
+        default=defaults.MAX_LOADED_MODELS, ge=1, description="Most models loaded at once."
+    )
     keep_alive_s: float = Field(
         default=defaults.KEEP_ALIVE_S,
         description="Idle time before a model unloads; -1 never, 0 after each job.",
     )
-    load_timeout_s: float = Field(default=defaults.LOAD_TIMEOUT_S, gt=0)
-    load_cooldown_s: float = Field(default=defaults.LOAD_COOLDOWN_S, ge=0)
-    load_cooldown_max_s: float = Field(default=defaults.LOAD_COOLDOWN_MAX_S, ge=0)
+    load_timeout_s: float = Field(
+        default=defaults.LOAD_TIMEOUT_S,
+        gt=0,
+        description="A longer model load is killed and counts as a failed load.",
+    )
+    load_cooldown_s: float = Field(
+        default=defaults.LOAD_COOLDOWN_S,
+        ge=0,
+        description="First wait after a failed load before the model is tried again; doubles "
+        "per failure.",
+    )
+    load_cooldown_max_s: float = Field(
+        default=defaults.LOAD_COOLDOWN_MAX_S,
+        ge=0,
+        description="Longest wait between load attempts of a failing model.",
+    )
     capacity_wait_s: float = Field(
         default=defaults.CAPACITY_WAIT_S,
         ge=0,
@@ -166,16 +212,38 @@ class Settings(BaseSettings):
         description="Waits between delivery attempts, in seconds (comma separated); a delivery "
         "gets one attempt more than there are waits.",
     )
-    webhook_jitter: float = Field(default=defaults.WEBHOOK_JITTER, ge=0, lt=1)
-    webhook_timeout_s: float = Field(default=defaults.WEBHOOK_TIMEOUT_S, gt=0)
+    webhook_jitter: float = Field(
+        default=defaults.WEBHOOK_JITTER,
+        ge=0,
+        lt=1,
+        description="Each wait between webhook attempts varies by up to this fraction.",
+    )
+    webhook_timeout_s: float = Field(
+        default=defaults.WEBHOOK_TIMEOUT_S,
+        gt=0,
+        description="Per-phase timeout of a webhook attempt (connect, send, each read); the "
+        "attempt is stopped 5 s after it in any case.",
+    )
     webhook_max_result_bytes: int = Field(
         default=defaults.WEBHOOK_MAX_RESULT_BYTES,
         ge=0,
         description="Results larger than this go in the webhook as a reference (result_ref).",
     )
-    webhook_max_response_bytes: int = Field(default=defaults.WEBHOOK_MAX_RESPONSE_BYTES, ge=0)
-    webhook_reconcile_interval_s: float = Field(default=defaults.WEBHOOK_RECONCILE_INTERVAL_S, gt=0)
-    webhook_reconcile_grace_s: float = Field(default=defaults.WEBHOOK_RECONCILE_GRACE_S, ge=0)
+    webhook_max_response_bytes: int = Field(
+        default=defaults.WEBHOOK_MAX_RESPONSE_BYTES,
+        ge=0,
+        description="At most this much of a receiver's answer is read.",
+    )
+    webhook_reconcile_interval_s: float = Field(
+        default=defaults.WEBHOOK_RECONCILE_INTERVAL_S,
+        gt=0,
+        description="How often webhook workers look for deliveries that were never queued.",
+    )
+    webhook_reconcile_grace_s: float = Field(
+        default=defaults.WEBHOOK_RECONCILE_GRACE_S,
+        ge=0,
+        description="How overdue a pending delivery must be to be taken as lost.",
+    )
 
     _lists = field_validator(
         "webhook_secrets", "webhook_allow", "webhook_schedule_s", mode="before"
