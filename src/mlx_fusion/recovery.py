@@ -27,10 +27,7 @@ from typing import Any
 import structlog
 from redis import Redis
 from redis.exceptions import RedisError
-from rq.exceptions import NoSuchJobError
-from rq.job import Job as RQJob
 from rq.job import JobStatus
-from rq.serializers import JSONSerializer
 
 from mlx_fusion.client import enqueue_spec
 from mlx_fusion.config import Settings
@@ -38,7 +35,7 @@ from mlx_fusion.errors import JobStoreError, WorkerLost
 from mlx_fusion.jobs.document import JobSpec, Status
 from mlx_fusion.jobs.store import Document, JobStore, requeue_update, utcnow
 from mlx_fusion.webhooks.outbox import pending_delivery
-from mlx_fusion.worker import running_job_ids
+from mlx_fusion.worker import fetch_rq_job, running_job_ids
 
 log = structlog.get_logger(__name__)
 
@@ -68,14 +65,8 @@ class JobRecovery:
         self.connection = connection
         self.notify = notify
 
-    def _rq_job(self, job_id: str) -> RQJob | None:
-        try:
-            return RQJob.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
-        except NoSuchJobError:
-            return None
-
     def _enqueue(self, record: Mapping[str, Any]) -> None:
-        old = self._rq_job(str(record["id"]))
+        old = fetch_rq_job(self.connection, str(record["id"]))
         if old is not None:
             old.delete()  # a failed or abandoned run: the new one takes its id
         enqueue_spec(self.connection, self.settings, spec_of(record))
@@ -98,7 +89,7 @@ class JobRecovery:
         waiting = {"status": Status.QUEUED.value, "updated_at": {"$lte": cutoff}}
         for record in self.store.find(waiting, sort="updated_at", limit=_BATCH):
             with self._isolated(record):
-                rq_job = self._rq_job(str(record["id"]))
+                rq_job = fetch_rq_job(self.connection, str(record["id"]))
                 status = rq_job.get_status(refresh=False) if rq_job is not None else None
                 if status in _WAITING or record["id"] in running:
                     continue

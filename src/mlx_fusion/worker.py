@@ -396,6 +396,14 @@ class FusionWorker(SimpleWorker):
             _CURRENT.reset(token)
 
 
+def fetch_rq_job(connection: Any, rq_job_id: str) -> Job | None:
+    """The RQ job ``rq_job_id`` (JSON serializer), or None when Redis has no such job."""
+    try:
+        return Job.fetch(rq_job_id, connection=connection, serializer=JSONSerializer)
+    except NoSuchJobError:
+        return None
+
+
 def running_job_ids(connection: Any, queue_names: Sequence[str]) -> set[str]:
     """Ids of jobs some live worker is running now: an execution in a started-job registry whose
     heartbeat has not expired. Expired executions are cleaned up first (RQ marks their jobs

@@ -81,6 +81,3 @@ class Spool:
                 continue
             if entry.op in OPERATIONS:
                 yield entry
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self.entries())

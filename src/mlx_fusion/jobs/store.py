@@ -334,9 +334,7 @@ class JobStore:
             created["$lt"] = self.query_time(until)
         if created:
             query["created_at"] = created
-        cursor = self._call(self.collection.find, query)
-        docs = self._call(lambda: list(cursor.sort("created_at", DESCENDING).limit(limit)))
-        return [to_record(d) for d in docs]
+        return self.find(query, sort="created_at", limit=limit, descending=True)
 
     def find(
         self, query: Mapping[str, Any], *, sort: str, limit: int, descending: bool = False

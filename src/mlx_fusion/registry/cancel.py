@@ -40,11 +40,6 @@ def flag() -> Flag:
     return _flag
 
 
-def requested() -> bool:
-    """Whether the running job was cancelled."""
-    return _flag.is_set()
-
-
 def check() -> None:
     """Raise ``JobCancelled`` when the running job was cancelled."""
     if _flag.is_set():

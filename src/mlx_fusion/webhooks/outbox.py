@@ -28,8 +28,7 @@ from typing import Any
 import structlog
 from redis import Redis
 from redis.exceptions import RedisError
-from rq.exceptions import DuplicateJobError, NoSuchJobError
-from rq.job import Job as RQJob
+from rq.exceptions import DuplicateJobError
 from rq.job import JobStatus
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
@@ -39,6 +38,7 @@ from mlx_fusion.config import Settings
 from mlx_fusion.errors import WebhookDeliveryError
 from mlx_fusion.jobs.store import Document, JobStore, Update, utcnow
 from mlx_fusion.webhooks.events import event_id, event_type
+from mlx_fusion.worker import fetch_rq_job
 
 log = structlog.get_logger(__name__)
 
@@ -193,14 +193,6 @@ class Outbox:
             log.warning("webhook_enqueue_failed", job_id=record.get("id"), error=str(e))
             return False
 
-    def _rq_job(self, job_id: str, attempt: int) -> RQJob | None:
-        try:
-            return RQJob.fetch(
-                rq_job_id(job_id, attempt), connection=self.connection, serializer=JSONSerializer
-            )
-        except NoSuchJobError:
-            return None
-
     def reconcile(self, now: dt.datetime | None = None, *, limit: int = 500) -> int:
         """Queue the attempts of pending deliveries that are overdue by more than the grace time
         with no RQ job queued or scheduled for them (a worker died between finishing a job and
@@ -218,7 +210,7 @@ class Outbox:
         for record in self.store.find(query, sort="webhook.next_attempt_at", limit=limit):
             job_id, webhook = str(record["id"]), record["webhook"]
             attempt = int(webhook["next_attempt"])
-            rq_job = self._rq_job(job_id, attempt)
+            rq_job = fetch_rq_job(self.connection, rq_job_id(job_id, attempt))
             status = rq_job.get_status(refresh=False) if rq_job is not None else None
             if status in _RQ_ACTIVE:
                 continue

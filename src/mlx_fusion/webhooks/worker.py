@@ -93,8 +93,7 @@ class WebhookWorker(SimpleWorker):
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
         kwargs["with_scheduler"] = bool(kwargs.get("with_scheduler")) and self.run_scheduler
-        self.reconcile()
-        with serving(self.deliverer):
+        with serving(self.deliverer):  # RQ's loop runs maintenance (the reconciler) first
             return bool(super().work(*args, **kwargs))
 
     def run_maintenance_tasks(self) -> None:

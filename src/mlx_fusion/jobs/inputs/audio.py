@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from mlx_fusion.jobs.inputs import inline_or_path
+
 ResponseFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
 """What the result holds (see docs/kinds/transcription.md)."""
 
@@ -45,12 +47,7 @@ class TranscriptionInput(BaseModel):
     @field_validator("file")
     @classmethod
     def _one_source(cls, value: str | None, info: ValidationInfo) -> str | None:
-        has_path = info.data.get("file_path") is not None
-        if value is None and not has_path:
-            raise ValueError("give the audio as file (base64 or a data: URL) or as file_path")
-        if value is not None and has_path:
-            raise ValueError("give file or file_path, not both")
-        return value
+        return inline_or_path(value, info, name="file", what="audio")
 
     @field_validator("timestamp_granularities")
     @classmethod

@@ -23,6 +23,8 @@ from pydantic import (
     field_validator,
 )
 
+from mlx_fusion.jobs.inputs import inline_or_path
+
 MAX_PROMPT_CHARS = 4000
 """Longest prompt (the text encoders keep fewer tokens: 256 for schnell's T5, 512 for dev's)."""
 MAX_IMAGES = 4
@@ -158,19 +160,12 @@ class ImageEditInput(_ImageParams):
     @field_validator("image")
     @classmethod
     def _one_image(cls, value: str | None, info: ValidationInfo) -> str | None:
-        has_path = info.data.get("image_path") is not None
-        if value is None and not has_path:
-            raise ValueError("give the image as image (base64 or a data: URL) or as image_path")
-        if value is not None and has_path:
-            raise ValueError("give image or image_path, not both")
-        return value
+        return inline_or_path(value, info, name="image", what="image")
 
     @field_validator("mask")
     @classmethod
     def _one_mask(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and info.data.get("mask_path") is not None:
-            raise ValueError("give mask or mask_path, not both")
-        return value
+        return inline_or_path(value, info, name="mask", what=None)
 
     def has_mask(self) -> bool:
         """True when the job gives a mask, inline or by path."""
