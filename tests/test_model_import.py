@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,12 @@ def test_imported_gguf_answers_the_paris_question(tmp_path: Path) -> None:
     proc = _import(smollm2_gguf_path(), out)
     assert proc.returncode == 0, proc.stderr
     assert f'path = "{out}"' in proc.stdout and 'kind = "lm"' in proc.stdout
+    # progress on stderr: each step, and the tensor count at every tenth (not a line a tensor)
+    steps = [line for line in proc.stderr.splitlines() if line.startswith("import ")]
+    assert any("converting" in line and "tensors" in line for line in steps), proc.stderr
+    counts = [line for line in steps if re.search(r": \d+/\d+ \[", line)]
+    total = int(re.search(r"converting (\d+) tensors", proc.stderr).group(1))  # type: ignore[union-attr]
+    assert f"{total}/{total}" in counts[-1] and 2 <= len(counts) <= 12
     import mlx_lm
     from mlx_lm.sample_utils import make_sampler
 

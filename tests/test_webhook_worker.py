@@ -24,6 +24,7 @@ from conftest import (
     fusion_env,
     run_python,
     settings_from_env,
+    unused_port,
     wait_for,
 )
 from redis import Redis
@@ -284,3 +285,48 @@ def test_webhooks_failed_lists_and_replay_requeues(
     assert Queue(settings.webhook_queue_name(), connection=redis).job_ids == ["whk-gone-1-2"]
     again = run_python(env, "-m", "mlx_fusion", "webhooks", "replay", "gone-1", timeout_s=60)
     assert again.returncode == 2 and "still pending" in again.stderr
+
+
+def test_a_worker_pool_serves_the_delivery_metrics_of_all_its_processes(
+    env: dict[str, str],
+    shared_store: JobStore,
+    redis: Redis,
+    start_process: Callable[..., subprocess.Popen[str]],
+) -> None:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = unused_port()
+    env["FUSION_METRICS_PORT"] = str(port)
+    settings = settings_from_env(env)
+    client = Client(settings, redis, shared_store)
+    webhook_queue = Queue(settings.webhook_queue_name(), connection=redis)
+    with http_receiver(replies=[Reply(500), Reply(204)]) as receiver:
+        start_process("webhook-worker", "--processes", "2")
+        wait_for(lambda: len(Worker.all(queue=webhook_queue)) == 2, 60, "two worker processes")
+        ids = [client.submit(chat(receiver.url)) for _ in range(2)]
+        gpu_settings = settings.model_copy(update={"metrics_port": None})  # the port is taken
+        build_worker(gpu_settings, redis, shared_store, {ModelKind.LM: slow_kind}).work(burst=True)
+        wait_for(
+            lambda: all(
+                (shared_store.get(i) or {}).get("webhook", {}).get("state") == "delivered"
+                for i in ids
+            ),
+            60,
+            "both deliveries (one after a retry)",
+        )
+    assert len(receiver.received) == 3
+    url = f"http://127.0.0.1:{port}"
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    samples = {
+        (s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "worker"))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("fusion_webhook_attempts_total", (("outcome", "delivered"),))] == 2
+    assert samples[("fusion_webhook_attempts_total", (("outcome", "retry"),))] == 1
+    assert samples[("fusion_webhook_deliveries_total", (("result", "delivered"),))] == 2
+    assert samples[("fusion_webhook_attempt_seconds_count", ())] == 3
+    assert samples[("fusion_queue_depth", (("queue", settings.webhook_queue_name()),))] == 0
+    health = httpx.get(f"{url}/healthz", timeout=10)
+    assert health.status_code == 200 and health.json()["healthy"] is True

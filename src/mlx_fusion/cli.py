@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -13,11 +12,11 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import structlog
 import typer
 
 from mlx_fusion.config import Settings
 from mlx_fusion.errors import FusionError
+from mlx_fusion.progress import progress
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -26,21 +25,11 @@ DEMO_MODEL = "smollm2-135m"
 control_action = Literal["load", "unload"]
 
 
-def configure_logging(json_logs: bool) -> None:
-    """structlog to stderr: JSON lines for machines, key=value for people."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    renderer: Any = (
-        structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer()
-    )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
+def configure_logging(settings: Settings, json_logs: bool = False) -> None:
+    """Logs to stderr as the settings say (``--json-logs`` forces JSON lines)."""
+    from mlx_fusion import logs
+
+    logs.configure_from(settings, json_logs=json_logs)
 
 
 def _json_default(value: Any) -> Any:
@@ -86,15 +75,15 @@ def worker(
     """Run a GPU worker on the high, default and low queues (in that order)."""
     from mlx_fusion.worker import FusionWorker
 
-    configure_logging(json_logs)
     settings = Settings()
+    configure_logging(settings, json_logs)
     with ExitStack() as stack:
         settings = _with_redis(settings, stack)
         try:
             fusion_worker = FusionWorker(settings=settings)
+            fusion_worker.work(burst=burst, max_jobs=max_jobs, logging_level=settings.log_level)
         except FusionError as e:
             _fail(e)
-        fusion_worker.work(burst=burst, max_jobs=max_jobs, logging_level="INFO")
 
 
 @app.command()
@@ -207,8 +196,8 @@ def demo(
     """
     from mlx_fusion.gguf import ensure_smollm2
 
-    configure_logging(json_logs=False)
     settings = Settings()
+    configure_logging(settings)
     models_dir = settings.data_dir / "models"
     model_dir = ensure_smollm2(models_dir)
     catalog = models_dir / "demo-catalog.toml"
@@ -274,46 +263,36 @@ def models(
     ctx: typer.Context,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """List catalog models and, per running worker, the loaded ones."""
+    """List the models the running workers serve (or the local catalog when none runs), with
+    their details and where each is loaded."""
     if ctx.invoked_subcommand is not None:
         return
-    from mlx_fusion import control
-    from mlx_fusion.registry import Catalog
-    from mlx_fusion.services import redis_connection
-
     settings = Settings()
     try:
-        catalog = Catalog.load(settings.catalog_path)
-        redis = redis_connection(settings)
-        snapshots = {
-            name: control.read_snapshot(redis, settings.queue_prefix, name)
-            for name in control.workers(redis, settings.queue_prefix)
-        }
+        found = _client(settings).models()
     except FusionError as e:
         _fail(e)
     if json_out:
-        _print(
-            {
-                "catalog": [spec.model_dump(mode="json") for spec in catalog],
-                "workers": snapshots,
-            }
-        )
+        _print({"models": found})
         return
-    for spec in catalog:
-        where = [
-            f"{name} ({m['state']}, {m['bytes'] / 1e6:.1f} MB, in use {m['in_use']})"
-            for name, snap in snapshots.items()
-            for m in (snap or {}).get("models", [])
-            if m["id"] == spec.id
+    for m in found:
+        quant = m.get("quantization") or {}
+        details = [
+            m.get("family") or "?",
+            f"ctx {m['context_length']}" if m.get("context_length") else "",
+            f"q{quant['bits']}" if quant.get("bits") else "",
+            f"{m['size_on_disk_bytes'] / 1e6:.1f} MB" if m.get("size_on_disk_bytes") else "",
         ]
-        flags = " pinned" if spec.pinned else ""
-        typer.echo(f"{spec.id:<28} {spec.kind.value:<18}{flags}  " + ("; ".join(where) or "-"))
-    for name, snap in snapshots.items():
-        if snap:
-            typer.echo(
-                f"worker {name}: {snap['used_bytes'] / 1e6:.1f} of "
-                f"{snap['budget_bytes'] / 1e6:.1f} MB, {len(snap['models'])} loaded"
-            )
+        where = [
+            f"{w['worker']} ({w['state']}, {(w.get('bytes') or 0) / 1e6:.1f} MB, "
+            f"in use {w['in_use']})"
+            for w in m["loaded_on"]
+        ]
+        flags = " pinned" if m.get("pinned") else ""
+        typer.echo(
+            f"{m['id']:<28} {m['kind']:<18}{flags} {' '.join(d for d in details if d):<32} "
+            + ("; ".join(where) or "-")
+        )
 
 
 def _command(action: control_action, model_id: str, worker: str | None, wait: float) -> None:
@@ -333,13 +312,17 @@ def _command(action: control_action, model_id: str, worker: str | None, wait: fl
     sent = {name: control.send_command(redis, prefix, name, action, model_id) for name in targets}
     deadline = time.monotonic() + wait
     results: dict[str, Any] = {}
-    while wait > 0 and len(results) < len(sent) and time.monotonic() < deadline:
-        for name, command_id in sent.items():
-            snap = control.read_snapshot(redis, prefix, name) or {}
-            for done in snap.get("commands", []):
-                if done.get("id") == command_id:
-                    results[name] = done
-        time.sleep(0.2)
+    with progress(f"{action} {model_id}") as show:
+        show.step(f"sent to {len(sent)} worker(s)")
+        while wait > 0 and len(results) < len(sent) and time.monotonic() < deadline:
+            for name, command_id in sent.items():
+                snap = control.read_snapshot(redis, prefix, name) or {}
+                for done in snap.get("commands", []):
+                    if done.get("id") == command_id and name not in results:
+                        results[name] = done
+                        show.step(f"{name}: {done['status']}")
+            show.tick(f"waiting for {len(sent) - len(results)} worker(s)")
+            time.sleep(0.2)
     failed = False
     for name in sent:
         done = results.get(name)
@@ -381,12 +364,203 @@ def models_import(
     from mlx_fusion.model_import import import_model
 
     try:
-        fmt, written = import_model(source, out_dir)
+        with progress(f"import {source.name}") as show:
+            fmt, written = import_model(source, out_dir, progress=show)
     except FusionError as e:
         _fail(e)
     kind = "lm" if fmt == "gguf" else "whisper"
     typer.echo(f"imported {source} ({fmt}) into {written}")
     typer.echo(f'catalog entry:\n[models.{written.name}]\nkind = "{kind}"\npath = "{written}"')
+
+
+def _duration_s(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except (ValueError, IndexError) as e:
+        raise typer.BadParameter(f"{text!r} is not a duration like 90s, 15m, 1h or 2d") from e
+
+
+@app.command()
+def status(
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Queues (depth, oldest job), workers (state, current job, loaded models, memory) and the
+    latest failures."""
+    from mlx_fusion import inspect
+    from mlx_fusion.jobs import connect_store
+    from mlx_fusion.jobs.store import utcnow
+    from mlx_fusion.services import redis_connection
+
+    settings = Settings()
+    try:
+        report = inspect.status(
+            redis_connection(settings), settings, connect_store(settings), utcnow()
+        )
+    except FusionError as e:
+        _fail(e)
+    if json_out:
+        _print(report)
+    else:
+        typer.echo(inspect.render_status(report))
+
+
+@app.command()
+def stats(
+    since: Annotated[str, typer.Option(help="Window length back from now: 90s, 15m, 1h, 2d.")] = (
+        "1h"
+    ),
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Throughput and latency p50/p95/p99 per kind and model over a window, from the job store."""
+    from mlx_fusion import inspect
+    from mlx_fusion.jobs import connect_store
+    from mlx_fusion.jobs.store import utcnow
+
+    window_s = _duration_s(since)
+    if window_s <= 0:
+        raise typer.BadParameter("the window must be longer than 0 s", param_hint="--since")
+    settings = Settings()
+    until = utcnow()
+    try:
+        report = inspect.job_stats(
+            connect_store(settings), until - dt.timedelta(seconds=window_s), until
+        )
+    except FusionError as e:
+        _fail(e)
+    if json_out:
+        _print(report)
+    else:
+        typer.echo(inspect.render_stats(report))
+
+
+@app.command()
+def health(
+    worker: Annotated[
+        str | None, typer.Option(help="This worker (default: every worker on this host).")
+    ] = None,
+    kind: Annotated[
+        str | None, typer.Option(help="Only workers of this kind: gpu or webhook.")
+    ] = None,
+    max_age: Annotated[
+        float | None,
+        typer.Option(help="Heartbeat age limit in s (default: health_max_age_s or the TTL)."),
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Exit 0 when the worker heartbeats (for launchd, systemd and container health checks):
+    every matching worker must have heartbeated within the limit, and at least one must match.
+    Exit 1 otherwise, 2 when Redis cannot be read."""
+    import socket
+
+    from mlx_fusion import inspect
+    from mlx_fusion.jobs.store import utcnow
+    from mlx_fusion.services import redis_connection
+
+    settings = Settings()
+    try:
+        rows = inspect.worker_status(redis_connection(settings), settings, utcnow())
+    except FusionError as e:
+        _fail(e)
+    except Exception as e:  # Redis unreachable: the health check itself cannot tell
+        typer.echo(f"error: cannot read workers from Redis: {type(e).__name__}: {e}", err=True)
+        raise typer.Exit(2) from e
+    host = socket.gethostname()
+    matching = [
+        r
+        for r in rows
+        if (r["name"] == worker if worker else r["hostname"] == host)
+        and (kind is None or r["kind"] == kind)
+    ]
+    checked = []
+    for r in matching:
+        limit = max_age or settings.health_max_age_s or settings.worker_ttl_s(r["kind"])
+        age = r["heartbeat_age_s"]
+        checked.append(
+            {
+                "name": r["name"],
+                "kind": r["kind"],
+                "state": r["state"],
+                "heartbeat_age_s": age,
+                "max_age_s": limit,
+                "healthy": age is not None and age <= limit,
+            }
+        )
+    healthy = bool(checked) and all(c["healthy"] for c in checked)
+    if json_out:
+        _print({"healthy": healthy, "workers": checked})
+    elif not checked:
+        typer.echo(f"unhealthy: no worker {'named ' + worker if worker else 'on ' + host}")
+    for c in checked if not json_out else []:
+        verdict = "healthy" if c["healthy"] else "unhealthy"
+        typer.echo(
+            f"{verdict}: {c['name']} ({c['kind']}, {c['state']}), last heartbeat "
+            f"{c['heartbeat_age_s']} s ago (limit {c['max_age_s']:g} s)"
+        )
+    if not healthy:
+        raise typer.Exit(1)
+
+
+@app.command("wait")
+def wait_command(
+    job_id: str,
+    timeout_s: Annotated[float, typer.Option("--timeout", help="Give up after this long.")] = 600,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the final job as JSON.")] = False,
+) -> None:
+    """Follow a job until it ends, showing each status change; exit 0 completed, 1 failed or
+    cancelled, 3 still running at the timeout."""
+    from mlx_fusion.jobs.document import FINAL_STATUSES
+
+    settings = Settings()
+    try:
+        client = _client(settings)
+    except FusionError as e:
+        _fail(e)
+    deadline = time.monotonic() + timeout_s
+    seen: str | None = None
+    with progress(f"job {job_id}") as show:
+        while True:
+            try:
+                record = client.get(job_id)
+            except FusionError as e:
+                _fail(e)
+            state = (record or {}).get("status") or "unknown"
+            if state != seen:
+                seen = state
+                show.step(_describe_state(record, state))
+            if state in FINAL_STATUSES or time.monotonic() >= deadline:
+                break
+            show.tick(state)
+            time.sleep(0.2)
+    if record is None:
+        typer.echo(f"error: no job {job_id}", err=True)
+        raise typer.Exit(1)
+    if json_out:
+        _print(record)
+    if state not in FINAL_STATUSES:
+        typer.echo(f"still {state} after {timeout_s:g} s", err=True)
+        raise typer.Exit(3)
+    if state != "completed":
+        raise typer.Exit(1)
+
+
+def _describe_state(record: dict[str, Any] | None, state: str) -> str:
+    if record is None:
+        return "not found (yet)"
+    if state == "processing":
+        return f"processing on {record.get('worker')} (attempt {record.get('attempts', 1)})"
+    if state == "failed":
+        error = record.get("error") or {}
+        return f"failed [{error.get('code')}]: {error.get('message')}"
+    metrics = record.get("metrics") or {}
+    if state == "completed":
+        spent = [
+            f"{k}={metrics[k]:g}"
+            for k in ("queue_wait_ms", "load_ms", "inference_ms")
+            if isinstance(metrics.get(k), (int, float))
+        ]
+        return "completed " + " ".join(spent)
+    return state
 
 
 @app.command("webhook-worker")
@@ -403,8 +577,8 @@ def webhook_worker(
     """Deliver completion webhooks (never touches MLX or a GPU); run one or more per Redis."""
     from mlx_fusion.webhooks.worker import WebhookWorker, run_pool
 
-    configure_logging(json_logs)
     settings = Settings()
+    configure_logging(settings, json_logs)
     if not settings.webhook_secrets and not settings.webhook_named_secrets:
         typer.echo(
             "error: no webhook secret configured: set FUSION_WEBHOOK_SECRETS "
@@ -417,9 +591,9 @@ def webhook_worker(
             run_pool(settings, processes, scheduler=scheduler, burst=burst)
             return
         hook_worker = WebhookWorker(settings=settings)
+        hook_worker.work(burst=burst, with_scheduler=scheduler, logging_level=settings.log_level)
     except FusionError as e:
         _fail(e)
-    hook_worker.work(burst=burst, with_scheduler=scheduler, logging_level="INFO")
 
 
 @app.command("scheduler")
@@ -432,8 +606,8 @@ def scheduler_command(
 
     from mlx_fusion.services import redis_connection
 
-    configure_logging(json_logs)
     settings = Settings()
+    configure_logging(settings, json_logs)
     try:
         connection = redis_connection(settings)
     except FusionError as e:

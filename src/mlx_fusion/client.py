@@ -24,6 +24,7 @@ from mlx_fusion.jobs.document import FINAL_STATUSES, JobSpec, parse_job
 from mlx_fusion.jobs.store import JobStore, utcnow
 
 Record = dict[str, Any]
+Records = list[Record]
 
 
 class EnqueueError(FusionError):
@@ -121,6 +122,40 @@ class Client:
     ) -> list[Record]:
         """Jobs, newest first."""
         return self.store.list(status=status, model=model, since=since, until=until, limit=limit)
+
+    def models(self) -> Records:
+        """Every model the running workers serve, sorted by id: its catalog details (``kind``,
+        ``aliases``, ``family``, ``context_length``, ``quantization``, ``size_on_disk_bytes``,
+        ...; see ``registry.describe``), ``workers`` (the workers that serve it) and
+        ``loaded_on`` (``{worker, state, bytes, in_use}`` for each worker that has it loaded).
+
+        Read from what the workers publish in Redis, so it needs no catalog file here; with no
+        worker running it describes the local catalog (``catalog_path``) if there is one."""
+        from mlx_fusion import control
+
+        prefix = self.settings.queue_prefix
+        found: dict[str, Record] = {}
+        for worker in control.workers(self.redis, prefix):
+            snapshot = control.read_snapshot(self.redis, prefix, worker) or {}
+            loaded = {m.get("id"): m for m in snapshot.get("models", [])}
+            for described in control.read_catalog(self.redis, prefix, worker):
+                entry = found.setdefault(
+                    described["id"], {**described, "workers": [], "loaded_on": []}
+                )
+                entry["workers"].append(worker)
+                if (m := loaded.get(described["id"])) is not None:
+                    entry["loaded_on"].append(
+                        {"worker": worker, **{k: m.get(k) for k in ("state", "bytes", "in_use")}}
+                    )
+        if not found and self.settings.catalog_path.is_file():
+            from mlx_fusion.registry.catalog import Catalog
+            from mlx_fusion.registry.describe import describe_catalog
+
+            catalog = Catalog.load(self.settings.catalog_path)
+            found = {
+                d["id"]: {**d, "workers": [], "loaded_on": []} for d in describe_catalog(catalog)
+            }
+        return [found[k] for k in sorted(found)]
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a job: a queued one at once; a running one is stopped by its worker within

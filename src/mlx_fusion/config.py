@@ -245,6 +245,32 @@ class Settings(BaseSettings):
         description="How overdue a pending delivery must be to be taken as lost.",
     )
 
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Port of the worker's HTTP endpoint (/metrics for Prometheus, /healthz); unset "
+        "means none. Give each worker on a host its own port (0 picks a free one, logged).",
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Address the metrics endpoint listens on; 0.0.0.0 to let another host scrape.",
+    )
+    health_max_age_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="A worker whose last heartbeat is older than this is unhealthy (/healthz "
+        "answers 503, `mlx-fusion health` exits 1); unset means the worker's own TTL.",
+    )
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto",
+        description="Log lines as JSON (production) or readable console output; auto is console "
+        "on a terminal and JSON otherwise. --json-logs forces JSON.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="The lowest level logged."
+    )
+
     _lists = field_validator(
         "webhook_secrets", "webhook_allow", "webhook_schedule_s", mode="before"
     )(_split_list)
@@ -314,6 +340,17 @@ class Settings(BaseSettings):
         if not found:
             raise KeyError(name)
         return [s.get_secret_value() for s in found]
+
+    def maintenance_interval_s(self, kind: str) -> int:
+        """How often a worker of ``kind`` (gpu or webhook) runs its maintenance (recovery, or
+        the webhook reconciler), in whole seconds."""
+        interval = self.recovery_interval_s if kind == "gpu" else self.webhook_reconcile_interval_s
+        return max(1, math.ceil(interval))
+
+    def worker_ttl_s(self, kind: str) -> int:
+        """The RQ worker TTL of a worker of ``kind``: an idle worker wakes every TTL - 15 s for
+        maintenance and a heartbeat, so one whose last heartbeat is older than this is dead."""
+        return min(defaults.WORKER_TTL_MAX_S, self.maintenance_interval_s(kind) + 15)
 
     def queue_names(self) -> list[str]:
         """All queues, highest priority first (the order a worker drains them)."""

@@ -5,6 +5,8 @@ Keys (``<prefix>`` is the queue prefix, ``fusion`` by default):
 
 - ``<prefix>:worker:<name>:models``: the worker's ``registry.snapshot()`` as JSON, refreshed
   every ``interval_s`` and expiring when the worker stops refreshing it.
+- ``<prefix>:worker:<name>:catalog``: the models the worker serves (``registry.describe``), as
+  a JSON list, with the same lifetime.
 - ``<prefix>:worker:<name>:commands``: a list of JSON commands ``{"action", "model", "id"}``.
 
 A worker applies ``unload`` at once (the registry defers it to the end of the model's lease) and
@@ -39,6 +41,17 @@ MAX_COMMAND_RESULTS = 20
 def snapshot_key(prefix: str, worker: str) -> str:
     """Where a worker publishes its registry snapshot."""
     return f"{prefix}:worker:{worker}:models"
+
+
+def catalog_key(prefix: str, worker: str) -> str:
+    """Where a worker publishes the description of its catalog."""
+    return f"{prefix}:worker:{worker}:catalog"
+
+
+def read_catalog(redis: Redis, prefix: str, worker: str) -> list[dict[str, Any]]:
+    """A worker's published catalog description (empty when it has none)."""
+    raw = redis.get(catalog_key(prefix, worker))
+    return list(json.loads(raw)) if raw else []
 
 
 def commands_key(prefix: str, worker: str) -> str:
@@ -91,9 +104,13 @@ class ControlLoop:
         self._results: deque[dict[str, Any]] = deque(maxlen=MAX_COMMAND_RESULTS)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="fusion-control", daemon=True)
+        self._catalog: str | None = None
 
     def start(self) -> None:
-        """Start the thread."""
+        """Describe the catalog (once: it reads each model's folder) and start the thread."""
+        from mlx_fusion.registry.describe import describe_catalog
+
+        self._catalog = json.dumps(describe_catalog(self._registry.catalog), default=str)
         self._thread.start()
 
     def stop(self) -> None:
@@ -102,7 +119,9 @@ class ControlLoop:
         if self._thread.is_alive():
             self._thread.join()
         with contextlib.suppress(RedisError):
-            self._redis.delete(snapshot_key(self._prefix, self._worker))
+            self._redis.delete(
+                snapshot_key(self._prefix, self._worker), catalog_key(self._prefix, self._worker)
+            )
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -131,7 +150,11 @@ class ControlLoop:
         snapshot["commands"] = list(self._results)
         snapshot["pending_loads"] = [c["model"] for c in self._pending_loads]
         ttl = max(2, int(self._interval_s * SNAPSHOT_TTL_INTERVALS))
-        self._redis.set(snapshot_key(self._prefix, self._worker), json.dumps(snapshot), ex=ttl)
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.set(snapshot_key(self._prefix, self._worker), json.dumps(snapshot), ex=ttl)
+            if self._catalog is not None:
+                pipe.set(catalog_key(self._prefix, self._worker), self._catalog, ex=ttl)
+            pipe.execute()
 
     def _take(self, raw: bytes) -> None:
         try:

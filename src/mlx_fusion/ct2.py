@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlx_fusion.model_dirs import building, remove_stale_leftovers, write_json
+from mlx_fusion.progress import Reporter, Silent
 
 if TYPE_CHECKING:
     import numpy as np
@@ -394,7 +395,7 @@ def is_converted(model_dir: Path, src_dir: Path | None = None) -> bool:
     return all(stamp.get(k) == v for k, v in current.items())
 
 
-def convert_ct2_whisper(src_dir: Path, out_dir: Path) -> Path:
+def convert_ct2_whisper(src_dir: Path, out_dir: Path, *, progress: Reporter | None = None) -> Path:
     """Convert a CTranslate2 Whisper directory into an mlx-whisper model directory; return
     ``out_dir``.
 
@@ -416,6 +417,8 @@ def convert_ct2_whisper(src_dir: Path, out_dir: Path) -> Path:
     model_bin = src_dir / "model.bin"
     if not model_bin.is_file():
         raise ValueError(f"{src_dir} is not a CTranslate2 model directory: it has no model.bin")
+    show = progress or Silent()
+    show.step(f"reading {model_bin}")
     spec_name, variables = read_ct2_model(model_bin)
     if spec_name != "WhisperSpec":
         raise ValueError(f"{model_bin} is a CTranslate2 {spec_name!r} model, not a Whisper model")
@@ -425,8 +428,13 @@ def convert_ct2_whisper(src_dir: Path, out_dir: Path) -> Path:
     if missing:
         raise ValueError(f"{model_bin}: lacks the tensors for {sorted(missing)[:5]}")
 
+    show.step(f"converting {len(weights)} tensors")
     with building(out_dir) as tmp:
-        arrays = {name: mx.array(value) for name, value in weights.items()}
+        arrays = {}
+        for i, (name, value) in enumerate(weights.items(), 1):
+            arrays[name] = mx.array(value)
+            show.advance(i, len(weights))
+        show.step(f"writing {out_dir}")
         mx.save_safetensors(str(tmp / "weights.safetensors"), arrays, metadata={"format": "mlx"})
         write_json(tmp / "config.json", {"model_type": "whisper", **dims})
         write_json(tmp / MARKER_NAME, _source_stamp(model_bin))

@@ -125,3 +125,6 @@ WEBHOOK_FUNCTION = "mlx_fusion.webhooks.delivery.deliver"
 
 WEBHOOK_FAILED_ATTEMPT_TTL_S = 86400
 """How long RQ keeps an attempt job that raised (the attempt itself is on the job document)."""
+
+WORKER_TTL_MAX_S = 420
+"""The longest RQ worker TTL (RQ's own default): workers wake at least this often."""

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlx_fusion.model_dirs import building, remove_stale_leftovers, write_json
+from mlx_fusion.progress import Reporter, Silent
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -256,7 +257,9 @@ def is_converted(model_dir: Path, gguf_path: Path | None = None, dtype: str | No
     return True
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path, *, dtype: str | None = None) -> Path:
+def convert_gguf(
+    gguf_path: Path, out_dir: Path, *, dtype: str | None = None, progress: Reporter | None = None
+) -> Path:
     """Convert a llama GGUF file into an mlx-lm model directory and return ``out_dir``.
 
     Writes ``config.json``, ``model.safetensors`` (the quantized weights as they are; scales,
@@ -279,16 +282,21 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, dtype: str | None = None) ->
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
     target = getattr(mx, dtype)
+    show = progress or Silent()
+    show.step(f"reading {gguf_path}")
     loaded = mx.load(str(gguf_path), return_metadata=True)
     if not isinstance(loaded, tuple):
         raise ValueError(f"{gguf_path} has no GGUF metadata")
     raw_weights, metadata = loaded
     weights: dict[str, mx.array] = {}
-    for name, value in raw_weights.items():
+    show.step(f"converting {len(raw_weights)} tensors to {dtype}")
+    for i, (name, value) in enumerate(raw_weights.items(), 1):
         if mx.issubdtype(value.dtype, mx.floating):  # scales, biases, norms (not packed uint32)
             value = value.astype(target)
         weights[_rename(name)] = value
+        show.advance(i, len(raw_weights))
     config = _model_config(metadata, weights)
+    show.step(f"writing {out_dir}")
 
     with building(out_dir) as tmp:
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})

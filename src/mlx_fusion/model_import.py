@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from mlx_fusion.errors import ModelImportError
+from mlx_fusion.progress import Reporter
 
 Format = Literal["gguf", "ct2-whisper"]
 GGUF_MAGIC = b"GGUF"
@@ -33,17 +34,20 @@ def detect_format(source: Path) -> Format:
     raise ModelImportError(f"{source}: no such file or directory")
 
 
-def import_model(source: Path, out_dir: Path) -> tuple[Format, Path]:
-    """Import ``source`` into ``out_dir`` (written atomically); returns (format, out_dir)."""
+def import_model(
+    source: Path, out_dir: Path, *, progress: Reporter | None = None
+) -> tuple[Format, Path]:
+    """Import ``source`` into ``out_dir`` (written atomically); returns (format, out_dir).
+    ``progress`` hears each step and the count of tensors converted."""
     fmt = detect_format(source)
     try:
         if fmt == "gguf":
             from mlx_fusion.gguf import convert_gguf
 
-            return fmt, convert_gguf(source, out_dir)
+            return fmt, convert_gguf(source, out_dir, progress=progress)
         from mlx_fusion.ct2 import convert_ct2_whisper
 
-        return fmt, convert_ct2_whisper(source, out_dir)
+        return fmt, convert_ct2_whisper(source, out_dir, progress=progress)
     except ModelImportError:
         raise
     except Exception as e:

@@ -6,6 +6,7 @@ model, run it, then write the result (or the precise error) in one guarded store
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,7 +23,7 @@ from mlx_fusion.errors import (
     error_dict,
 )
 from mlx_fusion.jobs.blobs import BlobWriter, blob_ref
-from mlx_fusion.jobs.document import Job, Webhook, parse_job
+from mlx_fusion.jobs.document import Job, Kind, Webhook, parse_job, safe_fields
 from mlx_fusion.jobs.spool import Spool
 from mlx_fusion.jobs.store import Document, JobStore, elapsed_ms, utcnow
 from mlx_fusion.registry import ModelRegistry
@@ -30,19 +31,9 @@ from mlx_fusion.webhooks.outbox import pending_delivery
 
 log = structlog.get_logger(__name__)
 
-_ECHOED_FIELDS = ("kind", "model", "request_id", "priority")
-_ECHO_MAX_CHARS = 256
-
-
-def safe_fields(raw: Any) -> dict[str, str]:
-    """The few plain string fields of an invalid document worth keeping in its failed record."""
-    if not isinstance(raw, Mapping):
-        return {}
-    return {
-        k: v
-        for k in _ECHOED_FIELDS
-        if isinstance(v := raw.get(k), str) and 0 < len(v) <= _ECHO_MAX_CHARS
-    }
+_STATUS_OF_OP = {"complete": "completed", "fail": "failed", "cancel": "cancelled"}
+UNKNOWN_LABEL = "-"
+"""The kind or model label of a job rejected before either was known."""
 
 
 def webhook_of(raw: Any) -> dict[str, Any] | None:
@@ -90,6 +81,9 @@ class JobRunner:
         self.mark_spooled: Callable[[str, bool], Any] | None = None
         """Called with (job id, True) when a job's final write is spooled and (job id, False)
         once it is written (the worker keeps a Redis marker, so recovery leaves the job alone)."""
+        self.observe: Callable[[str, str, str, Mapping[str, Any]], Any] | None = None
+        """Called with (final status, kind, model id, metrics) once per job this runner
+        finishes (the worker's metrics); not for a duplicate whose write did not apply."""
 
     def _finished(self, record: Document | None) -> Document | None:
         if record is not None and self.notify is not None and record.get("webhook"):
@@ -99,17 +93,26 @@ class JobRunner:
                 log.warning("webhook_notify_failed", error=f"{type(e).__name__}: {e}")
         return record
 
-    def _final(self, op: str, job_id: str, **kwargs: Any) -> tuple[Document | None, bool]:
+    def _final(
+        self, op: str, job_id: str, *, labels: tuple[str, str], **kwargs: Any
+    ) -> tuple[Document | None, bool]:
         """``store.<op>(job_id, **kwargs)``, the job's final write; when the store is down the
-        write is spooled to disk instead. Returns (the record, or None; spooled)."""
+        write is spooled to disk instead. Returns (the record, or None; spooled). ``labels``
+        (kind, model) go to ``observe``."""
         try:
-            return self._finished(getattr(self.store, op)(job_id, **kwargs)), False
+            record, spooled = self._finished(getattr(self.store, op)(job_id, **kwargs)), False
         except JobStoreError as e:
             kwargs.setdefault("now", utcnow())  # the time it finished, not the time it is written
             self.spool.put(job_id, op, **kwargs)
             self._mark(job_id, True)
             log.error("job_write_spooled", op=op, error=e.message, spool=str(self.spool.directory))
-            return None, True
+            record, spooled = None, True
+        if self.observe is not None and (record is not None or spooled):
+            try:
+                self.observe(_STATUS_OF_OP[op], *labels, kwargs.get("metrics") or {})
+            except Exception as e:  # metrics must never fail a job
+                log.warning("job_observe_failed", error=f"{type(e).__name__}: {e}")
+        return record, spooled
 
     def _mark(self, job_id: str, spooled: bool) -> None:
         if self.mark_spooled is not None:
@@ -138,9 +141,26 @@ class JobRunner:
         """Record a job that will not run (invalid document, refused function) as failed."""
         log.warning("job_rejected", job_id=job_id, code=error.code, error=error.message)
         webhook = pending_delivery(webhook_of(raw), job_id, "failed", utcnow())
+        echoed = safe_fields(raw)
+        labels = self._labels_of(echoed)
         self._final(
-            "fail", job_id, error=error.to_dict(), spec_doc=safe_fields(raw), webhook=webhook
+            "fail",
+            job_id,
+            labels=labels,
+            error=error.to_dict(),
+            spec_doc=echoed,
+            webhook=webhook,
         )
+
+    def _labels_of(self, echoed: Mapping[str, str]) -> tuple[str, str]:
+        """(kind, model id) metric labels of a rejected job: only known values, so that
+        producer-chosen strings cannot grow the label sets without bound."""
+        kind = echoed.get("kind", "")
+        model = UNKNOWN_LABEL
+        if "model" in echoed:
+            with contextlib.suppress(FusionError):
+                model = self.registry.catalog.resolve(echoed["model"]).id
+        return (kind if kind in {k.value for k in Kind} else UNKNOWN_LABEL), model
 
     def _blob_writer(self, job: Job) -> BlobWriter:
         def put(name: str, data: bytes, content_type: str) -> dict[str, Any]:
@@ -155,9 +175,11 @@ class JobRunner:
 
         return put
 
-    def _cancelled(self, job: Job, webhook: Any, cause: BaseException) -> dict[str, Any]:
+    def _cancelled(
+        self, job: Job, labels: tuple[str, str], webhook: Any, cause: BaseException
+    ) -> dict[str, Any]:
         outbox = pending_delivery(webhook, job.spec.id, "cancelled", utcnow())
-        self._final("cancel", job.spec.id, webhook=outbox, running=True)
+        self._final("cancel", job.spec.id, labels=labels, webhook=outbox, running=True)
         log.info("job_cancelled", stopped_by=type(cause).__name__)
         return {"id": job.spec.id, "status": "cancelled"}
 
@@ -178,12 +200,14 @@ class JobRunner:
             self.reject(job_id, raw, e)
             raise
         spec = job.spec
-        with structlog.contextvars.bound_contextvars(
+        # bound until the caller's scope ends (the worker binds these keys for the whole job,
+        # so RQ's own lines after the job carry them too)
+        structlog.contextvars.bind_contextvars(
             job_id=spec.id, request_id=spec.request_id, model=spec.model, kind=job.kind.value
-        ):
-            return self._run(
-                job, worker=worker, enqueued_at=enqueued_at, cancel=cancellation or Cancellation()
-            )
+        )
+        return self._run(
+            job, worker=worker, enqueued_at=enqueued_at, cancel=cancellation or Cancellation()
+        )
 
     def _run(
         self, job: Job, *, worker: str, enqueued_at: dt.datetime | None, cancel: Cancellation
@@ -196,7 +220,10 @@ class JobRunner:
             self.reject(job.spec.id, spec_doc, e)
             raise
         webhook = spec_doc.get("webhook")
-        doc = self.store.start(job.spec.id, worker, spec_doc=spec_doc, enqueued_at=enqueued_at)
+        labels = (job.kind.value, model.id)
+        doc = self.store.start(
+            job.spec.id, worker, spec_doc=spec_doc, enqueued_at=enqueued_at, model_id=model.id
+        )
         if doc is None:
             current = self.store.get(job.spec.id) or {}
             log.info("job_skipped", status=current.get("status"))
@@ -213,10 +240,17 @@ class JobRunner:
             result = self.registry.finish(model, job, result, self._blob_writer(job))
         except Exception as e:
             if cancel.requested.is_set():  # however it ended (a check, a kill), it was cancelled
-                return self._cancelled(job, webhook, e)
+                return self._cancelled(job, labels, webhook, e)
             err = e if isinstance(e, FusionError) else InferenceError(f"{type(e).__name__}: {e}")
             outbox = pending_delivery(webhook, job.spec.id, "failed", utcnow())
-            self._final("fail", job.spec.id, error=error_dict(err), metrics=metrics, webhook=outbox)
+            self._final(
+                "fail",
+                job.spec.id,
+                labels=labels,
+                error=error_dict(err),
+                metrics=metrics,
+                webhook=outbox,
+            )
             log.warning("job_failed", code=err.code, error=str(err))
             if err is e:
                 raise
@@ -225,6 +259,7 @@ class JobRunner:
         done, spooled = self._final(
             "complete",
             job.spec.id,
+            labels=labels,
             result=result,
             metrics=metrics,
             max_inline_bytes=self.settings.max_result_bytes,

@@ -29,7 +29,6 @@ fusion:default fusion:low``.
 from __future__ import annotations
 
 import contextvars
-import math
 import os
 import socket
 import threading
@@ -40,7 +39,6 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from rq.defaults import DEFAULT_WORKER_TTL
 from rq.exceptions import DeserializationError, NoSuchJobError
 from rq.job import UNEVALUATED, Job
 from rq.queue import Queue
@@ -54,7 +52,15 @@ from mlx_fusion import defaults
 from mlx_fusion.cancellation import Cancellation
 from mlx_fusion.config import Settings
 from mlx_fusion.errors import FunctionNotAllowed, FusionError, JobTimeout, JobValidationError
+from mlx_fusion.jobs.document import safe_fields
 from mlx_fusion.jobs.store import utcnow
+from mlx_fusion.metrics import (
+    MetricsBase,
+    MetricsServer,
+    WorkerMetrics,
+    queue_gauges,
+    registry_gauges,
+)
 
 if TYPE_CHECKING:  # the webhook worker imports this module and must not load the registry
     from mlx_fusion.runner import JobRunner
@@ -276,11 +282,69 @@ class _Heartbeat:
         self._thread.join()
 
 
-class FusionWorker(SimpleWorker):
+class MonitoredWorker(SimpleWorker):
+    """What every mlx-fusion worker adds for operators: heartbeats that count only once they
+    reached Redis, ``health()`` from them, and ``/metrics`` + ``/healthz`` served on
+    ``metrics_port`` while it works. Subclasses set ``settings`` and ``metrics``."""
+
+    settings: Settings
+    metrics: MetricsBase
+    serves_metrics = True
+    """False in a pool's workers: the pool's parent serves the metrics of all of them."""
+    _last_beat_ok: float = 0.0
+    _running_job: str | None = None
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        super().heartbeat(timeout, pipeline)
+        if pipeline is None:  # sent (a pipeline's beat counts once maintain_heartbeats ran it)
+            self._beat_ok()
+
+    def maintain_heartbeats(self, job: Job) -> None:
+        super().maintain_heartbeats(job)
+        self._beat_ok()
+
+    def _beat_ok(self) -> None:
+        self._last_beat_ok = time.monotonic()
+        self.metrics.heartbeat()
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """(healthy, details): healthy while the last heartbeat that reached Redis is at most
+        ``health_max_age_s`` old (default: the worker TTL). Reads no Redis."""
+        age = time.monotonic() - self._last_beat_ok if self._last_beat_ok else None
+        max_age = self.settings.health_max_age_s or float(self.worker_ttl)
+        details = {
+            "worker": self.name,
+            "state": getattr(self, "_state", None),
+            "current_job": self._running_job,
+            "heartbeat_age_s": None if age is None else round(age, 3),
+            "max_age_s": max_age,
+        }
+        return age is not None and age <= max_age, details
+
+    @contextmanager
+    def serving_metrics(self) -> Iterator[MetricsServer | None]:
+        """Serve ``/metrics`` and ``/healthz`` for the length of the block (if a port is set)."""
+        if self.settings.metrics_port is None or not self.serves_metrics:
+            yield None
+            return
+        server = MetricsServer(
+            self.metrics.registry,
+            self.health,
+            self.settings.metrics_host,
+            self.settings.metrics_port,
+        ).start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+class FusionWorker(MonitoredWorker):
     """The mlx-fusion GPU worker (see the module docstring)."""
 
     death_penalty_class = FusionDeathPenalty
     job_class = FusionJob
+    metrics: WorkerMetrics
 
     def __init__(
         self,
@@ -299,9 +363,8 @@ class FusionWorker(SimpleWorker):
         kwargs.setdefault("default_result_ttl", self.settings.result_ttl_s)
         # maintenance (registry cleanup, lost-job recovery) runs between jobs, and an idle worker
         # wakes from the queue every worker_ttl - 15 s for it
-        interval = max(1, math.ceil(self.settings.recovery_interval_s))
-        kwargs.setdefault("maintenance_interval", interval)
-        kwargs.setdefault("worker_ttl", min(DEFAULT_WORKER_TTL, interval + 15))
+        kwargs.setdefault("maintenance_interval", self.settings.maintenance_interval_s("gpu"))
+        kwargs.setdefault("worker_ttl", self.settings.worker_ttl_s("gpu"))
         kwargs.setdefault(
             "job_monitoring_interval", max(1, int(self.settings.heartbeat_interval_s))
         )
@@ -318,6 +381,23 @@ class FusionWorker(SimpleWorker):
         self.recovery = JobRecovery(
             self.settings, self.runner.store, self.connection, notify=self.runner.notify
         )
+        self.metrics = self._build_metrics()
+
+    def _build_metrics(self) -> WorkerMetrics:
+        from mlx_fusion.inspect import queue_status
+
+        metrics = WorkerMetrics(self.name)
+        self.runner.observe = metrics.job_finished
+        self.runner.registry.events = metrics
+        metrics.add_gauges(registry_gauges(self.runner.registry.snapshot), "registry")
+        names = self.queue_names()
+
+        def queues() -> list[dict[str, Any]]:
+            rows = queue_status(self.connection, self.settings, utcnow())
+            return [q for q in rows if q["name"] in names]
+
+        metrics.add_gauges(queue_gauges(queues), "queues")
+        return metrics
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
         if kwargs.pop("with_scheduler", False):
@@ -326,14 +406,15 @@ class FusionWorker(SimpleWorker):
 
         registry = self.runner.registry
         control = ControlLoop(self.connection, self.settings.queue_prefix, self.name, registry)
-        try:
-            control.start()
-            self._preload_pinned()
-            registry.start_reaper()
-            return bool(super().work(*args, **kwargs))
-        finally:
-            control.stop()
-            registry.close()
+        with self.serving_metrics():
+            try:
+                control.start()
+                self._preload_pinned()
+                registry.start_reaper()
+                return bool(super().work(*args, **kwargs))
+            finally:
+                control.stop()
+                registry.close()
 
     def _preload_pinned(self) -> None:
         for spec in self.runner.registry.catalog:
@@ -383,8 +464,21 @@ class FusionWorker(SimpleWorker):
         job.timeout = self.settings.effective_timeout_s(requested)
         self.prepare_execution(job)
         cancellation = Cancellation()
-        with self._current(job, cancellation), _Heartbeat(self, job, cancellation):
-            self.perform_job(job, queue)
+        # every line logged during the job (ours, RQ's, the model process's) carries these
+        echoed = safe_fields(document)
+        context = {k: echoed.get(k) for k in ("request_id", "model", "kind")}
+        self._running_job = job.id
+        self.metrics.busy.set(1)
+        try:
+            with (
+                structlog.contextvars.bound_contextvars(worker=self.name, job_id=job.id, **context),
+                self._current(job, cancellation),
+                _Heartbeat(self, job, cancellation),
+            ):
+                self.perform_job(job, queue)
+        finally:
+            self._running_job = None
+            self.metrics.busy.set(0)
         self.set_state("idle")
 
     @contextmanager
@@ -422,10 +516,13 @@ def worker_options(
     settings: Settings, kwargs: dict[str, Any], job_class: type[Job], name: str
 ) -> dict[str, Any]:
     """RQ worker options with what every mlx-fusion worker forces: the JSON serializer, its own
-    job class, a unique name (unless one is given) and a Redis connection from settings."""
+    job class, a unique name (unless one is given), a Redis connection from settings, and no
+    job descriptions in the log."""
     from mlx_fusion.services import redis_connection
 
     options = {**kwargs, "serializer": JSONSerializer, "job_class": job_class}
+    # RQ's default description of a raw-Redis job is the call with its arguments: the document
+    options.setdefault("log_job_description", False)
     options["name"] = options.get("name") or name
     if options.get("connection") is None:
         options["connection"] = redis_connection(settings)

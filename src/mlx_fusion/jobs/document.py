@@ -10,6 +10,7 @@ import hashlib
 import importlib
 import json
 import uuid
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -212,3 +213,19 @@ def parse_job(raw: Any, *, max_input_bytes: int) -> Job:
         field, reason = describe_validation_error(e.errors(), "input")
         raise InvalidInput(reason, field=field) from e
     return Job(spec=spec, kind=kind, input=job_input)
+
+
+_ECHOED_FIELDS = ("kind", "model", "request_id", "priority")
+_ECHO_MAX_CHARS = 256
+
+
+def safe_fields(raw: Any) -> dict[str, str]:
+    """The few plain string fields of a document, valid or not, worth keeping in its failed
+    record and its log lines (short strings only)."""
+    if not isinstance(raw, Mapping):
+        return {}
+    return {
+        k: v
+        for k in _ECHOED_FIELDS
+        if isinstance(v := raw.get(k), str) and 0 < len(v) <= _ECHO_MAX_CHARS
+    }

@@ -74,19 +74,24 @@ def start_update(
     *,
     spec_doc: Mapping[str, Any] | None = None,
     enqueued_at: dt.datetime | None = None,
+    model_id: str | None = None,
 ) -> Update:
-    """queued|processing -> processing (a re-run after a lost worker may start again)."""
+    """queued|processing -> processing (a re-run after a lost worker may start again).
+    ``model_id`` is the catalog id the job's ``model`` (maybe an alias) resolved to."""
     created_at = enqueued_at or now
     on_insert = {**_spec_fields(spec_doc), "created_at": created_at}
+    sets: Document = {
+        "status": Status.PROCESSING.value,
+        "started_at": now,
+        "updated_at": now,
+        "worker": worker,
+    }
+    if model_id is not None:
+        sets["model_id"] = model_id
     return (
         {"_id": job_id, "status": {"$in": [Status.QUEUED.value, Status.PROCESSING.value]}},
         {
-            "$set": {
-                "status": Status.PROCESSING.value,
-                "started_at": now,
-                "updated_at": now,
-                "worker": worker,
-            },
+            "$set": sets,
             "$inc": {"attempts": 1},
             "$setOnInsert": on_insert,
         },
@@ -354,11 +359,17 @@ class JobStore:
         spec_doc: Mapping[str, Any] | None = None,
         enqueued_at: dt.datetime | None = None,
         now: dt.datetime | None = None,
+        model_id: str | None = None,
     ) -> Document | None:
         """Mark processing (creating the document if the producer did not); None if the job is
-        already finished or cancelled."""
+        already finished or cancelled. ``model_id``: the catalog id its model resolved to."""
         update = start_update(
-            job_id, worker, now or utcnow(), spec_doc=spec_doc, enqueued_at=enqueued_at
+            job_id,
+            worker,
+            now or utcnow(),
+            spec_doc=spec_doc,
+            enqueued_at=enqueued_at,
+            model_id=model_id,
         )
         return self.transition(update, upsert=True)
 

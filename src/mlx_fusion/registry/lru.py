@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -31,6 +31,7 @@ from mlx_fusion.config import Settings
 from mlx_fusion.defaults import REAP_INTERVAL_S, STOP_GRACE_S
 from mlx_fusion.errors import (
     FusionError,
+    JobTimeout,
     ModelCrashed,
     ModelKindMismatch,
     ModelLoadError,
@@ -43,12 +44,39 @@ from mlx_fusion.jobs.document import Job, Kind
 from mlx_fusion.registry.budget import budget_bytes, estimate_bytes
 from mlx_fusion.registry.catalog import Catalog, ModelKind, ModelSpec
 from mlx_fusion.registry.kinds import KINDS, KindModule
-from mlx_fusion.registry.process import InProcessModel, ModelHandle, ModelProcess
+from mlx_fusion.registry.process import InProcessModel, MemoryReport, ModelHandle, ModelProcess
 
 log = structlog.get_logger(__name__)
 
 HandleFactory = Callable[[ModelSpec, str], ModelHandle]
 MAX_EVICTION_LOG = 100
+
+
+class RegistryEvents(Protocol):
+    """What the registry reports as it happens (the worker's metrics implement it). Called with
+    the registry's lock held: keep them quick."""
+
+    def model_loaded(self, model: str, load_s: float, memory: MemoryReport) -> None: ...
+
+    def model_memory(self, model: str, memory: MemoryReport) -> None: ...
+
+    def model_unloaded(self, model: str, cause: str) -> None: ...
+
+    def model_load_failed(self, model: str) -> None: ...
+
+
+class _NoEvents:
+    def model_loaded(self, model: str, load_s: float, memory: MemoryReport) -> None:
+        pass
+
+    def model_memory(self, model: str, memory: MemoryReport) -> None:
+        pass
+
+    def model_unloaded(self, model: str, cause: str) -> None:
+        pass
+
+    def model_load_failed(self, model: str) -> None:
+        pass
 
 
 def _now_iso(wall: float) -> str:
@@ -121,8 +149,11 @@ class ModelRegistry:
         *,
         kinds: Mapping[ModelKind, KindModule] = KINDS,
         handle_factory: HandleFactory | None = None,
+        events: RegistryEvents | None = None,
     ) -> None:
         self.catalog = catalog
+        self.events: RegistryEvents = events or _NoEvents()
+        """Told of loads, unloads (with their cause), load failures and memory readings."""
         self.settings = settings
         self._kinds = kinds
         self._factory = handle_factory or self._default_factory
@@ -256,7 +287,9 @@ class ModelRegistry:
             over = self._used_bytes() - self._budget
             if over > 0 and not self._make_room(0, for_model=spec.id, exclude=entry):
                 entry.in_use = 0
-                self._unload(entry, reason="over budget after load", for_model=spec.id)
+                self._unload(
+                    entry, reason="over budget after load", cause="over_budget", for_model=spec.id
+                )
                 raise NoCapacity(
                     f"model {spec.id!r} measured {entry.size_bytes} bytes; the models in use "
                     f"leave no room in the budget of {self._budget} bytes"
@@ -285,6 +318,7 @@ class ModelRegistry:
                 entry.load_ms = report.load_ms
                 entry.loaded_at = time.time()
                 self._measure(entry, report.memory.active_bytes)  # resident after the load
+                self.events.model_loaded(spec.id, report.load_ms / 1000, report.memory)
                 if not self._device_known:
                     self._device_known = True
                     self._budget = budget_bytes(
@@ -307,9 +341,9 @@ class ModelRegistry:
             entry.last_used = time.monotonic()
             if entry.in_use == 0 and entry.ready and self._entries.get(entry.spec.id) is entry:
                 if entry.unload_requested:
-                    self._unload(entry, reason="unload requested")
+                    self._unload(entry, reason="unload requested", cause="requested")
                 elif not entry.spec.pinned and self._keep_alive(entry.spec) == 0:
-                    self._unload(entry, reason="keep_alive_s=0")
+                    self._unload(entry, reason="keep_alive_s=0", cause="keep_alive")
             self._cond.notify_all()
 
     # ----- running -----------------------------------------------------------------------
@@ -330,10 +364,12 @@ class ModelRegistry:
             except BaseException as e:
                 if not handle.alive:  # crashed, killed, timed out: this process is gone
                     with self._cond:
-                        self._forget(entry, reason=f"{type(e).__name__} during a job")
+                        cause = "timeout" if isinstance(e, JobTimeout) else "crashed"
+                        self._forget(entry, reason=f"{type(e).__name__} during a job", cause=cause)
                 raise
             with self._cond:
                 self._measure(entry, memory.peak_bytes)  # weights plus the job's working memory
+                self.events.model_memory(entry.spec.id, memory)
             return result, metrics
         raise AssertionError("unreachable")
 
@@ -367,23 +403,28 @@ class ModelRegistry:
         ):
             if not candidates:
                 return False
-            self._unload(candidates.pop(0), reason="lru", for_model=for_model)
+            self._unload(candidates.pop(0), reason="lru", cause="lru", for_model=for_model)
         return True
 
     def _evict_idle(self, *, for_model: str) -> bool:
         with self._cond:
             victims = self._evictable(self._entries.get(for_model))
             for victim in victims:
-                self._unload(victim, reason="out of memory", for_model=for_model)
+                self._unload(
+                    victim, reason="out of memory", cause="out_of_memory", for_model=for_model
+                )
             return bool(victims)
 
-    def _unload(self, entry: _Entry, *, reason: str, for_model: str | None = None) -> None:
+    def _unload(
+        self, entry: _Entry, *, reason: str, cause: str, for_model: str | None = None
+    ) -> None:
         self._entries.pop(entry.spec.id, None)
         if entry.handle is not None:
             entry.handle.stop(STOP_GRACE_S)
         record = {
             "model": entry.spec.id,
             "reason": reason,
+            "cause": cause,
             "for_model": for_model,
             "bytes": entry.size_bytes,
             "budget_bytes": self._budget,
@@ -392,13 +433,14 @@ class ModelRegistry:
         }
         self._evictions.append(record)
         self._stats["evictions" if for_model else "unloads"] += 1
+        self.events.model_unloaded(entry.spec.id, cause)
         log.info("model_evicted" if for_model else "model_unloaded", **record)
         self._cond.notify_all()
 
-    def _forget(self, entry: _Entry, *, reason: str) -> None:
+    def _forget(self, entry: _Entry, *, reason: str, cause: str = "crashed") -> None:
         if self._entries.get(entry.spec.id) is entry:
             self._stats["crashes"] += 1
-            self._unload(entry, reason=reason)
+            self._unload(entry, reason=reason, cause=cause)
 
     def _alive(self, entry: _Entry) -> bool:
         return entry.handle is not None and entry.handle.alive
@@ -413,6 +455,7 @@ class ModelRegistry:
         )
         self._failures[spec.id] = _Failure(count, time.monotonic() + delay, error.message)
         self._stats["load_failures"] += 1
+        self.events.model_load_failed(spec.id)
         log.warning(
             "model_load_failed",
             model=spec.id,
@@ -448,7 +491,7 @@ class ModelRegistry:
             if entry is None:
                 return False
             if entry.idle():
-                self._unload(entry, reason="unload requested")
+                self._unload(entry, reason="unload requested", cause="requested")
             else:
                 entry.unload_requested = True
             return True
@@ -470,7 +513,7 @@ class ModelRegistry:
                     continue
                 keep = self._keep_alive(entry.spec)
                 if not entry.spec.pinned and keep >= 0 and now - entry.last_used >= keep:
-                    self._unload(entry, reason=f"idle for {keep:g} s")
+                    self._unload(entry, reason=f"idle for {keep:g} s", cause="idle")
 
     def start_reaper(self, interval_s: float = REAP_INTERVAL_S) -> None:
         """Run ``reap`` in a daemon thread until ``close``."""
@@ -492,7 +535,7 @@ class ModelRegistry:
             self._reaper.join()
         with self._cond:
             for entry in list(self._entries.values()):
-                self._unload(entry, reason="worker stopping")
+                self._unload(entry, reason="worker stopping", cause="shutdown")
 
     def loaded(self) -> list[str]:
         """Ids of the models loaded now."""

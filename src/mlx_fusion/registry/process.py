@@ -30,6 +30,9 @@ from multiprocessing.process import BaseProcess
 from types import ModuleType
 from typing import Any, Protocol
 
+import structlog
+
+from mlx_fusion import logs
 from mlx_fusion.errors import (
     FusionError,
     InferenceError,
@@ -58,6 +61,8 @@ OOM_MARKERS = (
 TERM_WAIT_S = 1.0
 """How long ``stop`` waits after SIGTERM before SIGKILL."""
 
+log = structlog.get_logger(__name__)
+
 
 @dataclass(frozen=True)
 class MemoryReport:
@@ -69,6 +74,8 @@ class MemoryReport:
     """``mx.get_peak_memory()`` since the start of the load or of the job."""
     rss_bytes: int
     """Resident set size of the process holding the model."""
+    cache_bytes: int = 0
+    """``mx.get_cache_memory()``: freed buffers MLX keeps for reuse; 0 without MLX."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +141,7 @@ def _memory_report() -> MemoryReport:
         active_bytes=int(mx.get_active_memory()) if mx else 0,
         peak_bytes=int(mx.get_peak_memory()) if mx else 0,
         rss_bytes=int(psutil.Process().memory_info().rss),
+        cache_bytes=int(mx.get_cache_memory()) if mx else 0,
     )
 
 
@@ -163,7 +171,16 @@ def _run(
     _reset_peak()
     job = parse_job(job_document, max_input_bytes=max_input_bytes)
     result, metrics = kind.run(model, job)
-    return result, metrics, _memory_report()
+    memory = _memory_report()
+    log.info(
+        "model_job_done",
+        pid=os.getpid(),
+        inference_ms=metrics.get("inference_ms"),
+        active_bytes=memory.active_bytes,
+        peak_bytes=memory.peak_bytes,
+        cache_bytes=memory.cache_bytes,
+    )
+    return result, metrics, memory
 
 
 def _exit_with_parent() -> None:
@@ -179,10 +196,12 @@ def _child_main(
     kind_module: str,
     max_input_bytes: int,
     cancel_flag: Any,
+    log_config: dict[str, Any] | None = None,
 ) -> None:
     # Ctrl-C on the worker's terminal reaches this process group too; the parent stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     cancel.install(cancel_flag)
+    logs.configure_child(log_config or {})
     try:  # stdout belongs to the worker (its logs); whatever the model prints goes to stderr
         sys.stdout.flush()
         os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
@@ -191,6 +210,7 @@ def _child_main(
     sys.stdout = sys.stderr
     threading.Thread(target=_exit_with_parent, name="parent-watch", daemon=True).start()
     context = f"model {spec_data.get('id')!r}"
+    structlog.contextvars.bind_contextvars(model=spec_data.get("id"))
     try:
         kind, model = _load(ModelSpec.model_validate(spec_data), kind_module)
         reply: tuple[str, Any] = (
@@ -203,16 +223,19 @@ def _child_main(
     while True:
         try:
             conn.send(reply)
-            op, payload = conn.recv()
+            message = conn.recv()
         except (EOFError, OSError):
             return  # the parent is gone
-        if op != "run":
+        if message[0] != "run":
             return
-        try:
-            result, metrics, memory = _run(kind, model, payload, max_input_bytes)
-            reply = ("ok", {"result": result, "metrics": metrics, "memory": asdict(memory)})
-        except Exception as e:
-            reply = ("error", error_reply(e, InferenceError, context))
+        # the worker's log context for this job (job_id, request_id, kind, worker)
+        job_context = message[2] if len(message) > 2 and isinstance(message[2], dict) else {}
+        with structlog.contextvars.bound_contextvars(**job_context):
+            try:
+                result, metrics, memory = _run(kind, model, message[1], max_input_bytes)
+                reply = ("ok", {"result": result, "metrics": metrics, "memory": asdict(memory)})
+            except Exception as e:
+                reply = ("error", error_reply(e, InferenceError, context))
 
 
 class _Timeout(Exception):
@@ -267,6 +290,7 @@ class ModelProcess:
                 self.kind_module,
                 self.max_input_bytes,
                 self._cancel,
+                logs.child_config(),
             ),
             name=f"mlx-fusion-model:{self.spec.id}",
             daemon=True,
@@ -310,7 +334,12 @@ class ModelProcess:
             try:
                 if self._cancel is not None:
                     self._cancel.clear()
-                self._conn.send(("run", job_document))
+                context = {
+                    str(k): v
+                    for k, v in structlog.contextvars.get_contextvars().items()
+                    if isinstance(v, (str, int, float, bool, type(None)))
+                }
+                self._conn.send(("run", job_document, context))
                 status, payload = self._receive(timeout_s, during="job")
             except _Timeout:
                 self._shut_down(kill=True)

@@ -149,6 +149,9 @@ class Deliverer:
         self.outbox = outbox
         self.store = outbox.store
         self.rng = rng
+        self.observe: Callable[[str, float], Any] | None = None
+        """Called with (delivery state after the attempt, attempt seconds) for every attempt
+        made and recorded (the webhook worker's metrics)."""
         self.client = guarded_client(
             allow=settings.webhook_allow,
             resolver=resolver,
@@ -201,6 +204,8 @@ class Deliverer:
             if self.store.transition(update) is None:
                 log.warning("webhook_attempt_unrecorded", attempt=n)
                 return "skipped"
+            if self.observe is not None:
+                self.observe(step.state, attempt["duration_ms"] / 1000)
             log.info(
                 "webhook_attempt",
                 attempt=n,

@@ -10,21 +10,31 @@ the scheduler lock at a time.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import structlog
-from rq.defaults import DEFAULT_WORKER_TTL
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
-from rq.worker import SimpleWorker
 
 from mlx_fusion import defaults
 from mlx_fusion.config import Settings
+from mlx_fusion.jobs.store import utcnow
+from mlx_fusion.metrics import (
+    Gauges,
+    MetricsServer,
+    WebhookMetrics,
+    WithWorkerLabel,
+    queue_gauges,
+)
 from mlx_fusion.webhooks.delivery import Deliverer, deliver, serving
 from mlx_fusion.webhooks.outbox import Outbox
 from mlx_fusion.worker import (
+    MonitoredWorker,
     WhitelistedJob,
     queue_names_of,
     unique_worker_name,
@@ -50,7 +60,7 @@ class WebhookJob(WhitelistedJob):
         return deliver(job_id, attempt)
 
 
-class WebhookWorker(SimpleWorker):
+class WebhookWorker(MonitoredWorker):
     """Serves the webhook queue (see the module docstring)."""
 
     job_class = WebhookJob
@@ -69,19 +79,27 @@ class WebhookWorker(SimpleWorker):
         from mlx_fusion.jobs.backends import connect_store
 
         self.settings = settings or Settings()
-        interval = max(1, math.ceil(self.settings.webhook_reconcile_interval_s))
         kwargs = worker_options(
             self.settings, kwargs, WebhookJob, f"webhooks.{unique_worker_name()}"
         )
-        kwargs.setdefault("maintenance_interval", interval)
-        # the worker blocks on the queue for worker_ttl - 15 s between maintenance runs
-        kwargs.setdefault("worker_ttl", min(DEFAULT_WORKER_TTL, interval + 15))
+        kwargs.setdefault("maintenance_interval", self.settings.maintenance_interval_s("webhook"))
+        kwargs.setdefault("worker_ttl", self.settings.worker_ttl_s("webhook"))
         names = queue_names_of(queues) or [self.settings.webhook_queue_name()]
         super().__init__(names, *args, **kwargs)
         if deliverer is None:
             outbox = Outbox(self.settings, connect_store(self.settings), self.connection)
             deliverer = Deliverer(self.settings, outbox)
         self.deliverer = deliverer
+        self.metrics = WebhookMetrics(self.name)
+        deliverer.observe = self.metrics.attempt_made
+        self.metrics.add_gauges(queue_gauges(self._queue_rows), "queues")
+
+    def _queue_rows(self) -> list[dict[str, Any]]:
+        from mlx_fusion.inspect import queue_status
+
+        names = self.queue_names()
+        rows = queue_status(self.connection, self.settings, utcnow())
+        return [q for q in rows if q["name"] in names]
 
     def reconcile(self) -> int:
         """Queue lost deliveries now; a store or Redis outage is logged, not raised."""
@@ -93,7 +111,8 @@ class WebhookWorker(SimpleWorker):
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
         kwargs["with_scheduler"] = bool(kwargs.get("with_scheduler")) and self.run_scheduler
-        with serving(self.deliverer):  # RQ's loop runs maintenance (the reconciler) first
+        # RQ's loop runs maintenance (the reconciler) first
+        with serving(self.deliverer), self.serving_metrics():
             return bool(super().work(*args, **kwargs))
 
     def run_maintenance_tasks(self) -> None:
@@ -109,17 +128,69 @@ class WebhookWorkerWithoutScheduler(WebhookWorker):
 
 def run_pool(settings: Settings, processes: int, *, scheduler: bool, burst: bool) -> None:
     """Run ``processes`` webhook workers under RQ's ``WorkerPool`` (forked, which is safe: no
-    GPU here), restarting any that dies; one of them holds the scheduler lock."""
+    GPU here), restarting any that dies; one of them holds the scheduler lock. With a metrics
+    port, this process serves the metrics of them all (Prometheus multiprocess mode)."""
     from rq.worker_pool import WorkerPool
 
     from mlx_fusion.services import redis_connection
 
+    base = WebhookWorker if scheduler else WebhookWorkerWithoutScheduler
+    connection = redis_connection(settings)
     pool = WorkerPool(
         [settings.webhook_queue_name()],
-        connection=redis_connection(settings),
+        connection=connection,
         num_workers=processes,
-        worker_class=WebhookWorker if scheduler else WebhookWorkerWithoutScheduler,
+        worker_class=type(f"Pooled{base.__name__}", (base,), {"serves_metrics": False}),
         serializer=JSONSerializer,
         job_class=WebhookJob,
     )
-    pool.start(burst=burst)
+    with ExitStack() as stack:
+        if settings.metrics_port is not None:
+            stack.enter_context(_pool_metrics(settings, connection, pool))
+        pool.start(burst=burst)
+
+
+@contextmanager
+def _pool_metrics(settings: Settings, connection: Any, pool: Any) -> Iterator[None]:
+    from prometheus_client import CollectorRegistry, values
+    from prometheus_client.multiprocess import MultiProcessCollector
+    from rq.worker import Worker
+
+    directory = tempfile.mkdtemp(prefix="mlx-fusion-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    # the forked workers' metrics go to files there
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+    gathered = CollectorRegistry(auto_describe=False)
+    MultiProcessCollector(gathered, path=directory)  # type: ignore[no-untyped-call]
+    name = f"webhooks.pool.{pool.name}"
+    exported = CollectorRegistry(auto_describe=False)
+    exported.register(WithWorkerLabel(gathered, name))
+    queue = settings.webhook_queue_name()
+
+    def queues() -> list[dict[str, Any]]:
+        from mlx_fusion.inspect import queue_status
+
+        return [q for q in queue_status(connection, settings, utcnow()) if q["name"] == queue]
+
+    inner = CollectorRegistry(auto_describe=False)
+    inner.register(Gauges(queue_gauges(queues), "queues"))
+    exported.register(WithWorkerLabel(inner, name))
+    max_age = settings.health_max_age_s or float(settings.worker_ttl_s("webhook"))
+
+    def health() -> tuple[bool, dict[str, Any]]:
+        now = utcnow()
+        ages = {
+            w.name: (now - w.last_heartbeat).total_seconds()
+            for w in Worker.all(connection=connection, serializer=JSONSerializer)
+            if w.name in pool.worker_dict and w.last_heartbeat is not None
+        }
+        fresh = [a for a in ages.values() if a <= max_age]
+        return bool(fresh), {"worker": name, "heartbeat_age_s": ages, "max_age_s": max_age}
+
+    server = MetricsServer(exported, health, settings.metrics_host, settings.metrics_port or 0)
+    server.start()
+    try:
+        yield
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
