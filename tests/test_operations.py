@@ -9,7 +9,9 @@ The last tests stop the worker and Redis to see health change, so they run last.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -410,6 +412,8 @@ def test_status_json_shows_queues_the_worker_and_recent_failures(scenario: Scena
     assert worker["state"] == "idle" and worker["current_job"] is None
     assert [m["id"] for m in worker["models"]] == [MODEL_A]
     assert worker["used_bytes"] > 0 and worker["budget_bytes"] >= worker["used_bytes"]
+    assert BROKEN in worker["cooldowns"]  # its load failed; the next try waits
+    assert [e["cause"] for e in worker["recent_evictions"]] == ["lru", "lru"]
     failed = {f["id"] for f in report["recent_failures"]}
     assert failed == {scenario.records["broken"]["id"], "invalid-job"}
 
@@ -512,26 +516,35 @@ def test_healthz_answers_503_while_heartbeats_cannot_reach_redis(scenario: Scena
         scenario.redis_server.start()
     wait_for(lambda: scenario.healthz().status_code == 200, 60, "/healthz to recover")
     assert scenario.proc.poll() is None  # the worker rode it out
+    # this Redis kept nothing: the worker registers again, so status and health see it
+    wait_for(
+        lambda: scenario.cli("health", "--worker", scenario.worker).returncode == 0,
+        30,
+        "the worker to register again",
+    )
+    assert "worker_registered_again" in scenario.stderr.read_text(encoding="utf-8")
 
 
 def test_log_redaction_replaces_secrets_anywhere_in_an_event() -> None:
     import io
+    import logging
 
     import structlog
 
     from mlx_fusion import logs
 
     out = io.StringIO()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     logs.configure("json", "INFO", secrets=[REDIS_PASSWORD], stream=out)
     try:
         structlog.get_logger("t").info(
             "connecting", url=f"redis://:{REDIS_PASSWORD}@h:1/0", nested={"k": [REDIS_PASSWORD]}
         )
-        import logging
-
         logging.getLogger("rq.worker").warning("failed with %s", REDIS_PASSWORD)
     finally:
-        logs.configure("console", "INFO")
+        structlog.reset_defaults()
+        root.handlers, root.level = handlers, level
     text = out.getvalue()
     assert REDIS_PASSWORD not in text
     assert text.count(logs.REDACTED) == 3
@@ -571,3 +584,54 @@ def test_queue_gauges_show_waiting_jobs_and_the_age_of_the_oldest(
     assert _value(families, "fusion_queue_depth", queue="fusion:high") == 0
     assert _value(families, "fusion_queue_oldest_age_seconds", queue="fusion:default") >= 0.3
     assert _value(families, "fusion_queue_oldest_age_seconds", queue="fusion:high") == 0
+
+
+def test_client_models_describes_the_local_catalog_when_no_worker_runs(client: Client) -> None:
+    (model,) = client.models()
+    assert model["id"] == "tiny-llama" and model["aliases"] == ["tiny"]
+    assert model["family"] == "llama" and model["workers"] == [] and model["loaded_on"] == []
+
+
+def _register(redis: Redis, name: str, *, pid: int, heartbeat_age_s: float) -> None:
+    from rq import Queue as RQQueue
+    from rq import SimpleWorker
+    from rq.utils import now, utcformat
+
+    worker = SimpleWorker(
+        [RQQueue("fusion:default", connection=redis)], name=name, connection=redis
+    )
+    worker.register_birth()
+    redis.hset(worker.key, "pid", pid)
+    beat = now().timestamp() - heartbeat_age_s
+    redis.hset(worker.key, "last_heartbeat", utcformat(dt.datetime.fromtimestamp(beat, dt.UTC)))
+
+
+def test_health_of_this_host_skips_registrations_whose_process_is_gone(
+    redis: Redis, redis_url: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from mlx_fusion.cli import app
+
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid = int(ended.stdout)
+    _register(redis, "live", pid=os.getpid(), heartbeat_age_s=0.5)
+    _register(redis, "crashed", pid=dead_pid, heartbeat_age_s=60)
+    env = {"FUSION_REDIS_URL": redis_url, "FUSION_HEALTH_MAX_AGE_S": "10"}
+    runner = CliRunner()
+    done = runner.invoke(app, ["health", "--json"], env=env)
+    assert done.exit_code == 0, done.output
+    assert [w["name"] for w in json.loads(done.output)["workers"]] == ["live"]
+    # the same stale registration with a live process is an unhealthy worker
+    redis.hset("rq:worker:crashed", "pid", os.getpid())
+    stale = runner.invoke(app, ["health", "--json"], env=env)
+    assert stale.exit_code == 1
+    assert {w["name"]: w["healthy"] for w in json.loads(stale.output)["workers"]} == {
+        "live": True,
+        "crashed": False,
+    }

@@ -199,7 +199,8 @@ def demo(
     settings = Settings()
     configure_logging(settings)
     models_dir = settings.data_dir / "models"
-    model_dir = ensure_smollm2(models_dir)
+    with progress("demo model") as show:
+        model_dir = ensure_smollm2(models_dir, progress=show)
     catalog = models_dir / "demo-catalog.toml"
     catalog.write_text(
         f'[models.{DEMO_MODEL}]\nkind = "lm"\npath = "{model_dir}"\naliases = ["smollm2"]\n',
@@ -393,16 +394,25 @@ def status(
     from mlx_fusion.services import redis_connection
 
     settings = Settings()
-    try:
-        report = inspect.status(
+    _report(
+        lambda: inspect.status(
             redis_connection(settings), settings, connect_store(settings), utcnow()
-        )
+        ),
+        inspect.render_status,
+        json_out,
+    )
+
+
+def _report(read: Any, render: Any, json_out: bool) -> None:
+    """Print ``read()`` as JSON or through ``render``; a store or Redis error exits 2."""
+    try:
+        report = read()
     except FusionError as e:
         _fail(e)
     if json_out:
         _print(report)
     else:
-        typer.echo(inspect.render_status(report))
+        typer.echo(render(report))
 
 
 @app.command()
@@ -422,16 +432,12 @@ def stats(
         raise typer.BadParameter("the window must be longer than 0 s", param_hint="--since")
     settings = Settings()
     until = utcnow()
-    try:
-        report = inspect.job_stats(
-            connect_store(settings), until - dt.timedelta(seconds=window_s), until
-        )
-    except FusionError as e:
-        _fail(e)
-    if json_out:
-        _print(report)
-    else:
-        typer.echo(inspect.render_stats(report))
+    since_at = until - dt.timedelta(seconds=window_s)
+    _report(
+        lambda: inspect.job_stats(connect_store(settings), since_at, until),
+        inspect.render_stats,
+        json_out,
+    )
 
 
 @app.command()
@@ -449,8 +455,9 @@ def health(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Exit 0 when the worker heartbeats (for launchd, systemd and container health checks):
-    every matching worker must have heartbeated within the limit, and at least one must match.
-    Exit 1 otherwise, 2 when Redis cannot be read."""
+    every matching worker must have heartbeated within the limit, and at least one must match
+    (registrations of this host whose process is gone are skipped). Exit 1 otherwise, 2 when
+    Redis cannot be read."""
     import socket
 
     from mlx_fusion import inspect
@@ -458,8 +465,10 @@ def health(
     from mlx_fusion.services import redis_connection
 
     settings = Settings()
+    # a health check answers within seconds: no long retries through a Redis restart
+    quick = settings.model_copy(update={"redis_retry_s": min(settings.redis_retry_s, 3.0)})
     try:
-        rows = inspect.worker_status(redis_connection(settings), settings, utcnow())
+        rows = inspect.worker_status(redis_connection(quick), settings, utcnow())
     except FusionError as e:
         _fail(e)
     except Exception as e:  # Redis unreachable: the health check itself cannot tell
@@ -471,6 +480,9 @@ def health(
         for r in rows
         if (r["name"] == worker if worker else r["hostname"] == host)
         and (kind is None or r["kind"] == kind)
+        # a worker of this host whose process is gone was replaced (a restart after a crash);
+        # its registration only waits to expire
+        and not (r["hostname"] == host and not _process_exists(r["pid"]))
     ]
     checked = []
     for r in matching:
@@ -499,6 +511,20 @@ def health(
         )
     if not healthy:
         raise typer.Exit(1)
+
+
+def _process_exists(pid: Any) -> bool:
+    import os
+
+    if not isinstance(pid, int) or pid <= 0:
+        return True  # cannot tell: keep it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @app.command("wait")

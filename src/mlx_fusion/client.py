@@ -45,6 +45,8 @@ def enqueue_spec(redis: Redis, settings: Settings, spec: JobSpec) -> None:
         job_id=spec.id,
         timeout=settings.effective_timeout_s(spec.timeout_s),
         result_ttl=settings.result_ttl_s,
+        # RQ keeps a failed job (its document included) a year by default; the record is the truth
+        failure_ttl=int(settings.retention_days * 86400),
         description=f"{spec.kind} {spec.model} ({spec.request_id})",
     )
 

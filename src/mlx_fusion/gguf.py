@@ -306,7 +306,9 @@ def convert_gguf(
     return out_dir
 
 
-def ensure_smollm2(cache_dir: Path, *, dtype: str | None = None) -> Path:
+def ensure_smollm2(
+    cache_dir: Path, *, dtype: str | None = None, progress: Reporter | None = None
+) -> Path:
     """Return ``cache_dir / SMOLLM2_DIR_NAME``, converting the shipped GGUF file first unless a
     complete conversion of it (with the same ``dtype``, default :func:`default_dtype`) is
     already there; an incomplete or different one is rebuilt.
@@ -321,7 +323,7 @@ def ensure_smollm2(cache_dir: Path, *, dtype: str | None = None) -> Path:
         return out_dir
     remove_stale_leftovers(out_dir)
     try:
-        return convert_gguf(gguf_path, out_dir, dtype=dtype)
+        return convert_gguf(gguf_path, out_dir, dtype=dtype, progress=progress)
     except OSError:
         # A concurrent converter may have renamed its complete directory into place first.
         if is_converted(out_dir, gguf_path, dtype):

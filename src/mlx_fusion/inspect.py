@@ -43,6 +43,9 @@ STATS_PAGE_SIZE = 2_000
 RECENT_FAILURES = 10
 """Failed jobs ``status`` lists."""
 
+RECENT_EVICTIONS = 5
+"""Latest model unloads and evictions ``status`` lists per worker."""
+
 MISSING = "-"
 """Kind or model of a record that has none (a job rejected before it could be parsed)."""
 
@@ -57,6 +60,10 @@ T = TypeVar("T")
 
 def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -142,12 +149,13 @@ def _models(snapshot: Mapping[str, Any]) -> list[dict[str, Any]]:
 def worker_status(redis: Redis, settings: Settings, now: dt.datetime) -> list[dict[str, Any]]:
     """Every RQ worker listening on one of this deployment's queues, by name: ``{"name", "kind",
     "state", "current_job", "queues", "last_heartbeat", "heartbeat_age_s", "birth", "pid",
-    "hostname", "models", "used_bytes", "budget_bytes"}``.
+    "hostname", "models", "used_bytes", "budget_bytes", "cooldowns", "recent_evictions"}``.
 
     ``kind`` is ``"webhook"`` for a worker that listens only on the webhook queue, else ``"gpu"``.
-    ``models`` (``[{"id", "state", "bytes", "in_use"}]``), ``used_bytes`` and ``budget_bytes``
-    come from the registry snapshot the worker publishes; None for webhook workers and workers
-    with no current snapshot.
+    ``models`` (``[{"id", "state", "bytes", "in_use"}]``), ``used_bytes``, ``budget_bytes``,
+    ``cooldowns`` (models whose loads failed: ``{id: {failures, retry_in_s, reason}}``) and
+    ``recent_evictions`` (the last few unloads with their reason) come from the registry
+    snapshot the worker publishes; None for webhook workers and workers with no snapshot.
     """
     webhook_queue = settings.webhook_queue_name()
     ours = {*settings.queue_names(), webhook_queue}
@@ -173,6 +181,10 @@ def worker_status(redis: Redis, settings: Settings, now: dt.datetime) -> list[di
                 "models": _models(snap) if snap is not None else None,
                 "used_bytes": snap.get("used_bytes") if snap is not None else None,
                 "budget_bytes": snap.get("budget_bytes") if snap is not None else None,
+                "cooldowns": _dict(snap.get("cooldowns")) if snap is not None else None,
+                "recent_evictions": _list(snap.get("evictions"))[-RECENT_EVICTIONS:]
+                if snap is not None
+                else None,
             }
         )
     return sorted(found, key=lambda w: str(w["name"]))

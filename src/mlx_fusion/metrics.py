@@ -68,6 +68,10 @@ class Gauges(Collector):
         self._read = read
         self._what = what
 
+    def describe(self) -> list[Metric]:
+        # nothing to read at registration (Redis may be down then)
+        return []
+
     def collect(self) -> Iterator[Metric]:
         try:
             families = list(self._read())

@@ -294,10 +294,30 @@ class MonitoredWorker(SimpleWorker):
     _last_beat_ok: float = 0.0
     _running_job: str | None = None
 
+    _registered = False
+
+    def register_birth(self) -> None:
+        super().register_birth()  # type: ignore[no-untyped-call]
+        self._registered = True
+
+    def register_death(self) -> None:
+        self._registered = False
+        super().register_death()  # type: ignore[no-untyped-call]
+
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         super().heartbeat(timeout, pipeline)
         if pipeline is None:  # sent (a pipeline's beat counts once maintain_heartbeats ran it)
+            self._stay_registered()
             self._beat_ok()
+
+    def _stay_registered(self) -> None:
+        # A Redis that lost its data (restarted without persistence, flushed) forgets the
+        # worker, and RQ's heartbeat does not bring it back: status, health and other workers'
+        # recovery would take it for dead. Register again.
+        if self._registered and not self.connection.sismember(self.redis_workers_keys, self.key):
+            log.warning("worker_registered_again", reason="Redis lost the worker's registration")
+            self.connection.delete(self.key)
+            super().register_birth()  # type: ignore[no-untyped-call]
 
     def maintain_heartbeats(self, job: Job) -> None:
         super().maintain_heartbeats(job)
