@@ -635,3 +635,14 @@ def test_health_of_this_host_skips_registrations_whose_process_is_gone(
         "live": True,
         "crashed": False,
     }
+
+
+def test_a_submitted_job_leaves_rqs_failed_registry_with_its_record(
+    client: Client, redis: Redis
+) -> None:
+    from rq.job import Job as RQJob
+    from rq.serializers import JSONSerializer
+
+    job_id = client.submit({"kind": "completion", "model": "tiny", "input": {"prompt": "x"}})
+    rq_job = RQJob.fetch(job_id, connection=redis, serializer=JSONSerializer)
+    assert rq_job.failure_ttl == client.settings.retention_days * 86400
