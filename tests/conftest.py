@@ -149,6 +149,20 @@ build_worker(settings, redis, connect_store(settings), {{ModelKind.LM: slow_kind
 the ``slow_kind`` stand-in."""
 
 
+def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 10) -> None:
+    """SIGTERM (RQ's warm shutdown) a process that still runs (resumed first, if stopped), then
+    SIGKILL it if it has not exited after ``timeout_s``."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGCONT)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def wait_for(condition: Callable[[], Any], timeout_s: float, what: str) -> None:
     """Poll ``condition`` until it holds; fail the test naming ``what`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s

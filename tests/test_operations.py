@@ -28,6 +28,7 @@ from conftest import (
     RedisServer,
     fusion_env,
     settings_from_env,
+    stop_process,
     unused_port,
     wait_for,
     write_catalog,
@@ -182,14 +183,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
         wait_for(lambda: _answers(scenario), 30, "the metrics endpoint")
         yield scenario
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGCONT)
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, 30)
         server.stop()
 
 

@@ -24,6 +24,7 @@ from conftest import (
     fusion_env,
     run_python,
     settings_from_env,
+    stop_process,
     unused_port,
     wait_for,
 )
@@ -95,13 +96,7 @@ def start_process(env: dict[str, str]) -> Iterator[Callable[..., subprocess.Pope
 
     yield start
     for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
 
 KILLED_BEFORE_ENQUEUE = f"""
