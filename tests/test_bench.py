@@ -1,0 +1,36 @@
+"""The benchmarks run and print what they promise (their figures are not checked here: speed
+targets live in the benchmarks' own output, not in timed tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_overhead_benchmark_prints_both_sides_and_their_ratio() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSION_")}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "overhead.py"), "--jobs", "8", "--warmup", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    for side in ("baseline", "fusion"):
+        figures = report[side]
+        assert 0 < figures["p50_ms"] <= figures["p99_ms"]
+        assert figures["queued_jobs_per_s"] > 0
+    assert report["ratio_p50"] == round(
+        report["fusion"]["p50_ms"] / report["baseline"]["p50_ms"], 3
+    )
+    assert report["p50_overhead_ms"] == round(
+        report["fusion"]["p50_ms"] - report["baseline"]["p50_ms"], 3
+    )
+    assert report["machine"]["cpus"] == os.cpu_count()
