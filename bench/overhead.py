@@ -195,7 +195,13 @@ def baseline(redis: Redis, jobs: int, warmup: int) -> dict[str, float]:
 
 
 def fusion(
-    redis: Redis, redis_url: str, mongo_url: str | None, jobs: int, warmup: int, tmp: Path
+    redis: Redis,
+    redis_url: str,
+    mongo_url: str | None,
+    jobs: int,
+    warmup: int,
+    tmp: Path,
+    lookahead: int,
 ) -> dict[str, float]:
     from mlx_fusion.client import Client
     from mlx_fusion.config import Settings
@@ -217,6 +223,7 @@ def fusion(
         data_dir=tmp / "data",
         catalog_path=catalog,
         keep_alive_s=-1,
+        schedule_lookahead=lookahead,
         log_level="WARNING",
         _env_file=None,  # type: ignore[call-arg]
     )
@@ -283,6 +290,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--mongo-url", default=os.environ.get("FUSION_TEST_MONGO_URL"))
+    parser.add_argument(
+        "--lookahead", type=int, default=64, help="FUSION_SCHEDULE_LOOKAHEAD of the worker"
+    )
     args = parser.parse_args()
     from mlx_fusion import logs
 
@@ -294,7 +304,7 @@ def main() -> None:
             redis = Redis.from_url(url)
             base = baseline(redis, args.jobs, args.warmup)
             redis.flushdb()
-            ours = fusion(redis, url, args.mongo_url, args.jobs, args.warmup, tmp)
+            ours = fusion(redis, url, args.mongo_url, args.jobs, args.warmup, tmp, args.lookahead)
         finally:
             proc.terminate()
             proc.wait()
@@ -305,6 +315,7 @@ def main() -> None:
                 "benchmark": "overhead",
                 "jobs": args.jobs,
                 "store": "mongodb" if args.mongo_url else "mongomock",
+                "schedule_lookahead": args.lookahead,
                 "baseline": {"what": "stock RQ SimpleWorker, no-op function", **base},
                 "fusion": {"what": "FusionWorker, no-op model kind in a model process", **ours},
                 "p50_overhead_ms": round(overhead, 3),

@@ -34,3 +34,22 @@ def test_overhead_benchmark_prints_both_sides_and_their_ratio() -> None:
         report["fusion"]["p50_ms"] - report["baseline"]["p50_ms"], 3
     )
     assert report["machine"]["cpus"] == os.cpu_count()
+
+
+def test_thrash_benchmark_compares_fifo_with_model_aware_order() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSION_")}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "thrash.py"), "--models", "2", "--jobs", "4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    # seed 7 queues model-1, model-0, model-1, model-0: FIFO loads at every switch
+    assert report["fifo"]["model_loads"] == 4
+    assert report["model_aware"]["model_loads"] == 2
+    assert report["ratio_model_loads"] == 0.5
+    assert report["model_aware"]["makespan_s"] > 0 and report["fifo"]["max_wait_s"] > 0

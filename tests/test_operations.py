@@ -138,6 +138,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
         FUSION_METRICS_PORT=str(port),
         FUSION_LOG_FORMAT="json",
         FUSION_MAX_LOADED_MODELS="1",
+        FUSION_SCHEDULE_LOOKAHEAD="0",  # arrival order: the loads and evictions counted below
         FUSION_RECOVERY_INTERVAL_S="1",
         FUSION_HEARTBEAT_INTERVAL_S="0.5",
         FUSION_HEALTH_MAX_AGE_S=str(HEALTH_MAX_AGE_S),

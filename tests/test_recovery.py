@@ -163,3 +163,23 @@ def test_a_record_that_cannot_be_rerun_does_not_stop_the_others(
     counts = JobRecovery(settings_, shared_store, redis).run()
     assert counts["enqueued"] == 1
     assert redis.lrange(f"rq:queue:{settings_.queue_name('default')}", 0, -1) == [good.encode()]
+
+
+def test_a_job_whose_expired_execution_rq_still_lists_is_requeued(
+    settings: Settings, store: JobStore, redis: Redis
+) -> None:
+    # RQ keeps an execution in the job's registry 60 s after the execution itself expired;
+    # a dead worker's job is recovered in that window, and RQ's Job.delete fails there
+    import datetime as dt
+
+    from rq import Queue
+
+    job_id = Client(settings, redis, store).submit(job(0))
+    Queue(settings.queue_name("default"), connection=redis).remove(job_id)  # a worker took it
+    store.start(job_id, "dead-worker")
+    redis.zadd(f"rq:executions:{job_id}", {"0123456789abcdef": time.time() + 600})
+    later = utcnow() + dt.timedelta(seconds=settings.recovery_grace_s + 1)
+    counts = JobRecovery(settings, store, redis).run(now=later)
+    assert counts["requeued"] == 1
+    assert (store.get(job_id) or {})["status"] == "queued"
+    assert job_id in Queue(settings.queue_name("default"), connection=redis).job_ids

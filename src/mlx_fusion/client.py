@@ -48,6 +48,7 @@ def enqueue_spec(redis: Redis, settings: Settings, spec: JobSpec) -> None:
         # RQ keeps a failed job (its document included) a year by default; the record is the truth
         failure_ttl=int(settings.retention_days * 86400),
         description=f"{spec.kind} {spec.model} ({spec.request_id})",
+        meta={"model": spec.model},  # read by the workers' model-aware scheduling
     )
 
 

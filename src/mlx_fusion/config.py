@@ -245,6 +245,18 @@ class Settings(BaseSettings):
         description="How overdue a pending delivery must be to be taken as lost.",
     )
 
+    schedule_lookahead: int = Field(
+        default=64,
+        ge=0,
+        description="How many jobs at the head of a queue the worker looks at to run those of "
+        "loaded models first (model-aware scheduling); 0 or 1 is plain FIFO.",
+    )
+    schedule_max_wait_s: float = Field(
+        default=120,
+        gt=0,
+        description="A job at the head of its queue that has waited this long runs next, "
+        "whatever its model (bounds how long model-aware scheduling may pass a job over).",
+    )
     metrics_port: int | None = Field(
         default=None,
         ge=0,

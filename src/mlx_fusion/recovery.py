@@ -35,7 +35,7 @@ from mlx_fusion.errors import JobStoreError, WorkerLost
 from mlx_fusion.jobs.document import JobSpec, Status
 from mlx_fusion.jobs.store import Document, JobStore, requeue_update, utcnow
 from mlx_fusion.webhooks.outbox import pending_delivery
-from mlx_fusion.worker import fetch_rq_job, running_job_ids
+from mlx_fusion.worker import drop_expired_executions, fetch_rq_job, running_job_ids
 
 log = structlog.get_logger(__name__)
 
@@ -68,6 +68,7 @@ class JobRecovery:
     def _enqueue(self, record: Mapping[str, Any]) -> None:
         old = fetch_rq_job(self.connection, str(record["id"]))
         if old is not None:
+            drop_expired_executions(self.connection, old.id)
             old.delete()  # a failed or abandoned run: the new one takes its id
         enqueue_spec(self.connection, self.settings, spec_of(record))
 

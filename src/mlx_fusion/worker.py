@@ -61,6 +61,7 @@ from mlx_fusion.metrics import (
     queue_gauges,
     registry_gauges,
 )
+from mlx_fusion.scheduling import DEFAULT_LOAD_S, Scheduler
 
 if TYPE_CHECKING:  # the webhook worker imports this module and must not load the registry
     from mlx_fusion.runner import JobRunner
@@ -402,6 +403,36 @@ class FusionWorker(MonitoredWorker):
             self.settings, self.runner.store, self.connection, notify=self.runner.notify
         )
         self.metrics = self._build_metrics()
+        self.model_scheduler = self._build_scheduler()
+
+    def _build_scheduler(self) -> Scheduler:
+        registry = self.runner.registry
+
+        def resolve(name: str) -> str | None:
+            try:
+                return registry.catalog.resolve(name).id
+            except FusionError:
+                return None
+
+        scheduler = Scheduler(
+            self.connection,
+            lookahead=self.settings.schedule_lookahead,
+            max_wait_s=self.settings.schedule_max_wait_s,
+            resolve=resolve,
+            loaded=lambda: set(registry.loaded()),
+            load_s=lambda model: registry.load_seconds(model, DEFAULT_LOAD_S),
+        )
+        registry.waiting_models = lambda: scheduler.waiting_models
+        return scheduler
+
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        try:  # put the job of a loaded model first (see ``scheduling``); then RQ's dequeue
+            self.model_scheduler.prepare([q.key for q in self._ordered_queues], time.time())
+        except Exception as e:  # a scheduling miss costs a model load, never the worker
+            log.warning("schedule_failed", error=f"{type(e).__name__}: {e}")
+        return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
 
     def _build_metrics(self) -> WorkerMetrics:
         from mlx_fusion.inspect import queue_status
@@ -516,6 +547,25 @@ def fetch_rq_job(connection: Any, rq_job_id: str) -> Job | None:
         return Job.fetch(rq_job_id, connection=connection, serializer=JSONSerializer)
     except NoSuchJobError:
         return None
+
+
+def drop_expired_executions(connection: Any, job_id: str) -> int:
+    """Forget executions of ``job_id`` whose data has expired. RQ 2.12 keeps an execution in the
+    job's execution registry 60 s longer than the execution itself, and ``Job.delete`` fails
+    ("Execution ... not found in Redis") in between: exactly when a dead worker's job is
+    recovered. Returns how many were dropped."""
+    registry_key = f"rq:executions:{job_id}"
+    ids = [i.decode() for i in connection.zrange(registry_key, 0, -1)]
+    if not ids:
+        return 0
+    with connection.pipeline(transaction=False) as pipe:
+        for execution_id in ids:
+            pipe.exists(f"rq:execution:{job_id}:{execution_id}")
+        alive = pipe.execute()
+    expired = [i for i, there in zip(ids, alive, strict=True) if not there]
+    if expired:
+        connection.zrem(registry_key, *expired)
+    return len(expired)
 
 
 def running_job_ids(connection: Any, queue_names: Sequence[str]) -> set[str]:

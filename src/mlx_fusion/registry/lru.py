@@ -153,6 +153,8 @@ class ModelRegistry:
     ) -> None:
         self.catalog = catalog
         self.events: RegistryEvents = events or _NoEvents()
+        self.waiting_models: Callable[[], frozenset[str]] = frozenset
+        """Models that jobs waiting in the queues name (the worker's scheduler): evicted last."""
         """Told of loads, unloads (with their cause), load failures and memory readings."""
         self.settings = settings
         self._kinds = kinds
@@ -160,6 +162,7 @@ class ModelRegistry:
         self._entries: dict[str, _Entry] = {}
         self._failures: dict[str, _Failure] = {}
         self._sizes: dict[str, int] = {}
+        self._load_s: dict[str, float] = {}
         self._cond = threading.Condition()
         self._budget = budget_bytes(
             settings.memory_budget_bytes, settings.memory_budget_fraction, None
@@ -316,6 +319,7 @@ class ModelRegistry:
             with self._cond:
                 entry.handle = handle
                 entry.load_ms = report.load_ms
+                self._load_s[spec.id] = report.load_ms / 1000
                 entry.loaded_at = time.time()
                 self._measure(entry, report.memory.active_bytes)  # resident after the load
                 self.events.model_loaded(spec.id, report.load_ms / 1000, report.memory)
@@ -390,7 +394,8 @@ class ModelRegistry:
         idle = [
             e for e in self._entries.values() if e.idle() and not e.spec.pinned and e is not exclude
         ]
-        return sorted(idle, key=lambda e: e.last_used)
+        waiting = self.waiting_models()
+        return sorted(idle, key=lambda e: (e.spec.id in waiting, e.last_used))
 
     def _make_room(self, need: int, *, for_model: str, exclude: _Entry | None = None) -> bool:
         """Evict idle models, least recently used first, until ``need`` more bytes and one more
@@ -536,6 +541,12 @@ class ModelRegistry:
         with self._cond:
             for entry in list(self._entries.values()):
                 self._unload(entry, reason="worker stopping", cause="shutdown")
+
+    def load_seconds(self, model_id: str, default: float) -> float:
+        """How long the last load of ``model_id`` took here, or ``default`` if it never
+        loaded."""
+        with self._cond:
+            return self._load_s.get(model_id, default)
 
     def loaded(self) -> list[str]:
         """Ids of the models loaded now."""
