@@ -7,22 +7,29 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
 
 from conftest import REPO
 
 
-def test_overhead_benchmark_prints_both_sides_and_their_ratio() -> None:
+def run_bench(script: str, *args: str) -> dict[str, Any]:
+    """Run ``bench/SCRIPT ARGS`` (no FUSION_ settings of this environment) and parse its JSON."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUSION_")}
     done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "overhead.py"), "--jobs", "8", "--warmup", "2"],
+        [sys.executable, str(REPO / "bench" / script), *args],
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout)
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
+
+
+def test_overhead_benchmark_prints_both_sides_and_their_ratio() -> None:
+    report = run_bench("overhead.py", "--jobs", "8", "--warmup", "2")
     for side in ("baseline", "fusion"):
         figures = report[side]
         assert 0 < figures["p50_ms"] <= figures["p99_ms"]
@@ -37,17 +44,7 @@ def test_overhead_benchmark_prints_both_sides_and_their_ratio() -> None:
 
 
 def test_thrash_benchmark_compares_fifo_with_model_aware_order() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSION_")}
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "thrash.py"), "--models", "2", "--jobs", "4"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout)
+    report = run_bench("thrash.py", "--models", "2", "--jobs", "4")
     # seed 7 queues model-1, model-0, model-1, model-0: FIFO loads at every switch
     assert report["fifo"]["model_loads"] == 4
     assert report["model_aware"]["model_loads"] == 2
