@@ -176,3 +176,24 @@ def test_the_scheduler_sees_the_models_waiting_in_every_queue(
         assert worker.model_scheduler.waiting_models == {"model-a", "model-b"}
     finally:
         worker.runner.registry.close()
+
+
+def test_hostile_queue_entries_do_not_stop_scheduling(
+    tmp_path: Path, redis_url: str, redis: Redis, store: JobStore, two_models: Path
+) -> None:
+    order_before = [("model-a", "default"), ("model-b", "default"), ("model-a", "default")]
+    s = worker_settings(redis_url, tmp_path / "data", two_models, max_loaded_models=1)
+    client = Client(s, redis, store)
+    ids = [
+        client.submit({"kind": "completion", "model": m, "input": {"prompt": "x"}, "priority": p})
+        for m, p in order_before
+    ]
+    redis.rpush("rq:queue:fusion:default", b"\xff\xfe not an id", "no-such-job")
+    worker = build_worker(s, redis, store, {ModelKind.LM: slow_kind})
+    try:
+        worker.work(burst=True)
+        loads = worker.runner.registry.snapshot()["stats"]["loads"]
+    finally:
+        worker.runner.registry.close()
+    assert all((store.get(i) or {}).get("status") == "completed" for i in ids)
+    assert loads == 2  # a, a, then b: the junk did not turn scheduling off

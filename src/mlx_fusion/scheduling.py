@@ -128,7 +128,8 @@ class Scheduler:
         with self._redis.pipeline(transaction=False) as pipe:
             for key in queue_keys:
                 pipe.lrange(key, 0, self._lookahead - 1)
-            heads = [[i.decode() for i in ids] for ids in pipe.execute()]
+            # a producer may push anything: an id that is not text matches no job and stays put
+            heads = [[i.decode(errors="replace") for i in ids] for ids in pipe.execute()]
         views = {
             key: self._describe(ids, now_ts)
             for key, ids in zip(queue_keys, heads, strict=True)
