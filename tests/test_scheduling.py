@@ -75,16 +75,20 @@ def _run(
     store: JobStore,
     catalog: Path,
     jobs: list[tuple[str, str]],
+    junk: tuple[bytes | str, ...] = (),
     **settings: Any,
 ) -> tuple[list[str], int]:
-    """Queue ``jobs`` ((model, priority)), run a worker until the queues are empty; returns the
-    models in the order they started, and how many loads the registry made."""
+    """Queue ``jobs`` ((model, priority)) and then the raw entries ``junk`` on the default
+    queue, run a worker until the queues are empty; returns the models in the order they
+    started, and how many loads the registry made."""
     s = worker_settings(redis_url, tmp_path / "data", catalog, max_loaded_models=1, **settings)
     client = Client(s, redis, store)
     ids = [
         client.submit({"kind": "completion", "model": m, "input": {"prompt": "x"}, "priority": p})
         for m, p in jobs
     ]
+    if junk:
+        redis.rpush("rq:queue:fusion:default", *junk)
     worker = build_worker(s, redis, store, {ModelKind.LM: slow_kind})
     try:
         worker.work(burst=True)
@@ -181,19 +185,8 @@ def test_the_scheduler_sees_the_models_waiting_in_every_queue(
 def test_hostile_queue_entries_do_not_stop_scheduling(
     tmp_path: Path, redis_url: str, redis: Redis, store: JobStore, two_models: Path
 ) -> None:
-    order_before = [("model-a", "default"), ("model-b", "default"), ("model-a", "default")]
-    s = worker_settings(redis_url, tmp_path / "data", two_models, max_loaded_models=1)
-    client = Client(s, redis, store)
-    ids = [
-        client.submit({"kind": "completion", "model": m, "input": {"prompt": "x"}, "priority": p})
-        for m, p in order_before
-    ]
-    redis.rpush("rq:queue:fusion:default", b"\xff\xfe not an id", "no-such-job")
-    worker = build_worker(s, redis, store, {ModelKind.LM: slow_kind})
-    try:
-        worker.work(burst=True)
-        loads = worker.runner.registry.snapshot()["stats"]["loads"]
-    finally:
-        worker.runner.registry.close()
-    assert all((store.get(i) or {}).get("status") == "completed" for i in ids)
-    assert loads == 2  # a, a, then b: the junk did not turn scheduling off
+    jobs = [("model-a", "default"), ("model-b", "default"), ("model-a", "default")]
+    junk = (b"\xff\xfe not an id", "no-such-job")
+    order, loads = _run(tmp_path, redis_url, redis, store, two_models, jobs, junk)
+    assert order == ["model-a", "model-a", "model-b"]
+    assert loads == 2  # the junk did not turn scheduling off
