@@ -1,4 +1,4 @@
-"""The Tier-2 side in Python: submit jobs, read them back, wait, list, cancel.
+"""The Tier-2 side in Python: submit jobs, read them back, wait, stream, list, cancel.
 
 Producers in other languages use the raw Redis commands documented in ``docs/contract.md``.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from redis import Redis
@@ -22,6 +22,15 @@ from mlx_fusion.config import Settings
 from mlx_fusion.errors import FusionError
 from mlx_fusion.jobs.document import FINAL_STATUSES, JobSpec, parse_job
 from mlx_fusion.jobs.store import JobStore, utcnow
+from mlx_fusion.streaming import (
+    STREAM_BLOCK_MS,
+    STREAM_READ_TIMEOUT_S,
+    StreamEntry,
+    ended_without_stream,
+    not_streamed,
+    read_stream,
+    stream_key,
+)
 
 Record = dict[str, Any]
 Records = list[Record]
@@ -113,6 +122,62 @@ class Client:
                 status = record.get("status") if record else "unknown"
                 raise TimeoutError(f"job {job_id} still {status} after {timeout_s} s")
             time.sleep(poll_s)
+
+    def stream(
+        self, job_id: str, *, timeout_s: float = STREAM_READ_TIMEOUT_S
+    ) -> Iterator[dict[str, Any]]:
+        """The OpenAI chunks of a job submitted with ``stream: true``, as they are produced
+        (``chat.completion.chunk`` or ``text_completion`` objects; relay each as an SSE
+        ``data:`` line, then ``data: [DONE]`` when this ends). Waits while the job is queued.
+
+        Raises ``StreamUnavailable`` when the job was not submitted with ``stream: true`` (at
+        once) or ended without a complete stream (expired, trimmed, ran again); the job's own
+        error (``JobCancelled``, ``InferenceError``, ...) when it failed or was cancelled;
+        ``StreamTimeout`` when nothing arrives for ``timeout_s``."""
+        for entry in self.iter_stream_entries(job_id, timeout_s=timeout_s):
+            assert entry.chunk is not None
+            yield entry.chunk
+
+    def iter_stream_entries(
+        self,
+        job_id: str,
+        *,
+        timeout_s: float = STREAM_READ_TIMEOUT_S,
+        last_id: str = "0",
+        block_ms: int = STREAM_BLOCK_MS,
+    ) -> Iterator[StreamEntry]:
+        """``stream`` with each chunk's entry: its Redis id (resume after ``last_id``),
+        ``produced_at`` (worker clock) and ``received_at`` (this host's clock), for benchmarks
+        and relays. The job record is read before and between ``XREAD`` calls (every
+        ``block_ms``), so a job that ends without its stream ends the wait at once."""
+        key = stream_key(self.settings.queue_prefix, job_id)
+        seen_final = False
+
+        def check_record() -> None:
+            nonlocal seen_final
+            record = self.store.get(job_id)
+            if record is None:  # not stored yet (a raw Redis producer): the worker will
+                return
+            if (refused := not_streamed(record)) is not None:
+                raise refused
+            if record.get("status") not in FINAL_STATUSES:
+                return
+            # the writer ends the stream before the record turns final, so a missing key means
+            # no stream is coming; one more read picks up entries that raced the record
+            if seen_final or not self.redis.exists(key):
+                raise ended_without_stream(record)
+            seen_final = True
+
+        check_record()
+        yield from read_stream(
+            self.redis,
+            self.settings.queue_prefix,
+            job_id,
+            timeout_s=timeout_s,
+            block_ms=block_ms,
+            last_id=last_id,
+            on_idle=check_record,
+        )
 
     def list(
         self,

@@ -26,6 +26,8 @@
     ├── JobCancelled (cancelled)
     ├── JobStoreError (store_unavailable)
     ├── IdempotencyConflict (idempotency_conflict)
+    ├── StreamTimeout (stream_timeout)
+    ├── StreamUnavailable (stream_unavailable)
     ├── WebhookDeliveryError (webhook_failed)
     │   └── WebhookTargetRefused (webhook_target_refused)
     └── WebhookVerificationError (webhook_invalid_signature)
@@ -198,6 +200,20 @@ class IdempotencyConflict(FusionError):
     """A submit reuses an ``idempotency_key`` with a different job body; nothing was stored."""
 
     code = "idempotency_conflict"
+
+
+class StreamTimeout(FusionError):
+    """(Stream reader) no entry of the job's token stream arrived within the reader's timeout."""
+
+    code = "stream_timeout"
+
+
+class StreamUnavailable(FusionError):
+    """(Stream reader) the job has no complete token stream to read: it was not submitted with
+    ``stream: true``, its stream expired or was trimmed past the reader, or the job ended (or ran
+    again) without finishing it. The job record holds the result."""
+
+    code = "stream_unavailable"
 
 
 class WebhookDeliveryError(FusionError):

@@ -35,6 +35,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class StreamOptions(_Strict):
+    """OpenAI ``stream_options`` of a streamed job."""
+
+    include_usage: bool = Field(
+        default=False,
+        description="End the stream with one more chunk: empty choices and the job's usage "
+        "(every other chunk then carries usage: null).",
+    )
+
+
 class SamplingParams(_Strict):
     """Sampling and length controls shared by chat and text completions (OpenAI names)."""
 
@@ -47,8 +57,14 @@ class SamplingParams(_Strict):
     seed: int | None = None
     stop: str | list[str] | None = None
     n: Literal[1] = Field(default=1, description="Only one choice per job is supported.")
-    stream: Literal[False] = Field(
-        default=False, description="Jobs are not streamed; poll the store or use a webhook."
+    stream: bool = Field(
+        default=False,
+        description="Also publish the tokens as they are produced, as OpenAI stream chunks, to "
+        "the job's Redis stream PREFIX:stream:ID (bounded, expiring); read it with "
+        "Client.stream or XREAD (docs/contract.md#streaming). The record still gets the result.",
+    )
+    stream_options: StreamOptions | None = Field(
+        default=None, description="Only with stream: true (OpenAI stream_options)."
     )
     model: str | None = None
     user: str | None = None
@@ -62,6 +78,19 @@ class SamplingParams(_Strict):
         if any(s == "" for s in seqs):
             raise ValueError("stop sequences must not be empty")
         return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _options_need_stream(
+        cls, value: StreamOptions | None, info: ValidationInfo
+    ) -> StreamOptions | None:
+        if value is not None and info.data.get("stream") is not True:
+            raise ValueError("only allowed when stream is true")
+        return value
+
+    def include_usage(self) -> bool:
+        """Whether a streamed job ends with a usage chunk (``stream_options.include_usage``)."""
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
     def stop_sequences(self) -> list[str]:
         """``stop`` as a list."""
