@@ -6,7 +6,8 @@ the attention mask, normalized: what sentence-transformers gives), else the mask
 last hidden state, normalized here. Inputs are tokenized (token-id inputs skip the tokenizer),
 cut to the model's maximum length, sorted by length and run in padded batches.
 
-Exports the names every kind module has: ``JOB_KINDS``, ``load(spec)`` and ``run(model, job)``.
+Exports the names every kind module has: ``JOB_KINDS``, ``load(spec)`` and ``run(model, job)``,
+and ``BatchEngine`` (``registry.engine``): the inputs of several jobs share forward passes.
 MLX is imported inside the functions, so importing this module does not initialise it.
 """
 
@@ -20,10 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlx_fusion.errors import InvalidInput, ModelLoadError
+from mlx_fusion.errors import InvalidInput, JobCancelled, JobTimeout, ModelLoadError
 from mlx_fusion.jobs.document import Job, Kind
 from mlx_fusion.jobs.inputs.embedding import EmbeddingInput
 from mlx_fusion.registry.catalog import ModelSpec
+from mlx_fusion.registry.engine import Event
 
 JOB_KINDS = frozenset({Kind.EMBEDDING})
 """The job kinds an embedding model runs."""
@@ -139,15 +141,22 @@ def _embed_batch(embedder: LoadedEmbedder, batch: list[list[int]]) -> Any:
     return pooled
 
 
-def _token_lists(embedder: LoadedEmbedder, job_input: EmbeddingInput) -> list[list[int]]:
-    """Every input as token ids, cut to the model's maximum length."""
-    limit = embedder.max_length
-    texts = job_input.texts()
-    if texts is not None:
-        encoded = embedder.tokenizer(texts, truncation=True, max_length=limit)
-        return [list(ids) for ids in encoded["input_ids"]]
-    id_lists = job_input.token_lists()
-    assert id_lists is not None
+def _embedding_input(job: Job) -> EmbeddingInput:
+    job_input = job.input
+    assert isinstance(job_input, EmbeddingInput), "the worker routes only embedding jobs here"
+    return job_input
+
+
+def check(embedder: LoadedEmbedder, job_input: EmbeddingInput) -> int:
+    """The vector length the job asks for, after refusing what the model cannot do without
+    running it (more dimensions than it has, token ids outside its vocabulary)."""
+    dims = job_input.dimensions or embedder.dimensions
+    if dims > embedder.dimensions:
+        raise InvalidInput(
+            f"{dims} is more than the model's {embedder.dimensions} dimensions",
+            field="input.dimensions",
+        )
+    id_lists = job_input.token_lists() or []
     single = not isinstance(job_input.input[0], list)
     for i, ids in enumerate(id_lists):
         for j, token in enumerate(ids):
@@ -157,6 +166,18 @@ def _token_lists(embedder: LoadedEmbedder, job_input: EmbeddingInput) -> list[li
                 raise InvalidInput(
                     f"token id {token} is outside the model's vocabulary (0..{last})", field=where
                 )
+    return dims
+
+
+def _token_lists(embedder: LoadedEmbedder, job_input: EmbeddingInput) -> list[list[int]]:
+    """Every input as token ids, cut to the model's maximum length (``check`` it first)."""
+    limit = embedder.max_length
+    texts = job_input.texts()
+    if texts is not None:
+        encoded = embedder.tokenizer(texts, truncation=True, max_length=limit)
+        return [list(ids) for ids in encoded["input_ids"]]
+    id_lists = job_input.token_lists()
+    assert id_lists is not None
     return [ids[:limit] for ids in id_lists]
 
 
@@ -177,23 +198,31 @@ def batches(lengths: list[int]) -> list[list[int]]:
     return out
 
 
-def embed(embedder: LoadedEmbedder, job_input: EmbeddingInput) -> tuple[Any, int]:
-    """(one unit vector per input as a float32 numpy array, prompt tokens counted)."""
-    import mlx.core as mx
+def pooled_vectors(embedder: LoadedEmbedder, token_lists: list[list[int]]) -> Any:
+    """The model's pooled float32 vector (full length, not normalized here) of every token
+    list, as a numpy array in the lists' order, computed in length-sorted padded ``batches``."""
     import numpy as np
 
-    dims = job_input.dimensions or embedder.dimensions
-    if dims > embedder.dimensions:
-        raise InvalidInput(
-            f"{dims} is more than the model's {embedder.dimensions} dimensions",
-            field="input.dimensions",
-        )
-    token_lists = _token_lists(embedder, job_input)
-    vectors = np.zeros((len(token_lists), dims), dtype=np.float32)
+    vectors = np.zeros((len(token_lists), embedder.dimensions), dtype=np.float32)
     for rows in batches([len(ids) for ids in token_lists]):
-        pooled = _embed_batch(embedder, [token_lists[i] for i in rows])[:, :dims]
-        norms = mx.maximum(mx.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
-        vectors[rows] = np.array(pooled / norms, dtype=np.float32)
+        vectors[rows] = np.array(_embed_batch(embedder, [token_lists[i] for i in rows]))
+    return vectors
+
+
+def unit_vectors(pooled: Any, dims: int) -> Any:
+    """The first ``dims`` values of each pooled vector, scaled to length 1."""
+    import numpy as np
+
+    cut = pooled[:, :dims]
+    norms = np.maximum(np.linalg.norm(cut, axis=-1, keepdims=True), 1e-12)
+    return (cut / norms).astype(np.float32)
+
+
+def embed(embedder: LoadedEmbedder, job_input: EmbeddingInput) -> tuple[Any, int]:
+    """(one unit vector per input as a float32 numpy array, prompt tokens counted)."""
+    dims = check(embedder, job_input)
+    token_lists = _token_lists(embedder, job_input)
+    vectors = unit_vectors(pooled_vectors(embedder, token_lists), dims)
     return vectors, sum(len(ids) for ids in token_lists)
 
 
@@ -221,13 +250,9 @@ def embedding_list(
     }
 
 
-def run(embedder: LoadedEmbedder, job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run an embedding job: (OpenAI result, metrics)."""
-    job_input = job.input
-    assert isinstance(job_input, EmbeddingInput)
-    start = time.perf_counter()
-    vectors, tokens = embed(embedder, job_input)
-    elapsed_s = time.perf_counter() - start
+def _finish(
+    embedder: LoadedEmbedder, job_input: EmbeddingInput, vectors: Any, tokens: int, elapsed_s: float
+) -> tuple[dict[str, Any], dict[str, Any]]:
     result = embedding_list(embedder.spec.id, vectors, job_input.encoding_format, tokens)
     metrics = {
         "inference_ms": round(elapsed_s * 1000, 3),
@@ -235,3 +260,107 @@ def run(embedder: LoadedEmbedder, job: Job) -> tuple[dict[str, Any], dict[str, A
         "tokens_per_s": round(tokens / elapsed_s, 3) if elapsed_s > 0 else 0.0,
     }
     return result, metrics
+
+
+def run(embedder: LoadedEmbedder, job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run an embedding job: (OpenAI result, metrics)."""
+    job_input = _embedding_input(job)
+    start = time.perf_counter()
+    vectors, tokens = embed(embedder, job_input)
+    return _finish(embedder, job_input, vectors, tokens, time.perf_counter() - start)
+
+
+@dataclasses.dataclass
+class _Pending:
+    """A job of a step, once its inputs are tokenized."""
+
+    tag: int
+    job_input: EmbeddingInput
+    dims: int
+    token_lists: list[list[int]]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(ids) for ids in self.token_lists)
+
+
+class BatchEngine:
+    """Embedding jobs of one model run together (see ``registry.engine``): each ``step`` takes
+    every queued job (at most ``max_batch``), pools all their inputs into the same length-sorted
+    padded forward passes, and splits the vectors back per job. Results equal ``run``'s for each
+    job alone (up to float rounding). A job whose inputs cannot be tokenized fails alone; when a
+    shared forward pass raises, the step's jobs run again one by one, so only the job that
+    breaks it fails. Embedding jobs never stream: ``stream`` is ignored."""
+
+    def __init__(self, model: LoadedEmbedder, max_batch: int) -> None:
+        self.embedder = model
+        self.max_batch = max(1, max_batch)
+        self._queued: dict[int, tuple[EmbeddingInput, int]] = {}
+        self._ended: list[Event] = []
+
+    def submit(self, tag: int, job: Job, stream: bool = False) -> None:
+        """Queue a job for the next step; ``InvalidInput`` at once for what ``run`` refuses
+        before running anything (dimensions, token ids outside the vocabulary)."""
+        job_input = _embedding_input(job)
+        self._queued[tag] = (job_input, check(self.embedder, job_input))
+
+    def cancel(self, tag: int, *, timed_out: bool = False) -> None:
+        """Drop a queued job: its ``error`` event comes with the next step. A step runs to its
+        end, so a job already taken by one finishes (and a finished job has nothing to end)."""
+        if self._queued.pop(tag, None) is None:
+            return
+        error = (
+            JobTimeout("the job ran past its timeout before its model ran it")
+            if timed_out
+            else JobCancelled("the job was cancelled before its model ran it")
+        )
+        self._ended.append(Event(tag, "error", error))
+
+    @property
+    def busy(self) -> bool:
+        """True while a job is queued or an ended job's event is still to be reported."""
+        return bool(self._queued or self._ended)
+
+    def step(self) -> list[Event]:
+        """Run every queued job (up to ``max_batch``) in shared forward passes."""
+        events, self._ended = self._ended, []
+        tags = list(self._queued)[: self.max_batch]
+        taken = [(tag, *self._queued.pop(tag)) for tag in tags]
+        start = time.perf_counter()
+        pending: list[_Pending] = []
+        for tag, job_input, dims in taken:
+            try:
+                pending.append(
+                    _Pending(tag, job_input, dims, _token_lists(self.embedder, job_input))
+                )
+            except Exception as e:
+                events.append(Event(tag, "error", e))
+        if not pending:
+            return events
+        try:
+            pooled = pooled_vectors(self.embedder, [ids for p in pending for ids in p.token_lists])
+        except Exception:
+            return events + self._one_by_one(pending, start)
+        elapsed_s = time.perf_counter() - start
+        offset = 0
+        for p in pending:
+            rows = pooled[offset : offset + len(p.token_lists)]
+            offset += len(p.token_lists)
+            events.append(self._done(p, rows, elapsed_s, len(pending)))
+        return events
+
+    def _one_by_one(self, pending: list[_Pending], start: float) -> list[Event]:
+        events = []
+        for p in pending:
+            try:
+                pooled = pooled_vectors(self.embedder, p.token_lists)
+            except Exception as e:
+                events.append(Event(p.tag, "error", e))
+                continue
+            events.append(self._done(p, pooled, time.perf_counter() - start, 1))
+        return events
+
+    def _done(self, p: _Pending, pooled: Any, elapsed_s: float, batch_jobs: int) -> Event:
+        vectors = unit_vectors(pooled, p.dims)
+        result, metrics = _finish(self.embedder, p.job_input, vectors, p.tokens, elapsed_s)
+        return Event(p.tag, "done", (result, {**metrics, "batch_jobs": batch_jobs}))
