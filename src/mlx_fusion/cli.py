@@ -71,12 +71,26 @@ def worker(
     burst: Annotated[bool, typer.Option(help="Quit when the queues are empty.")] = False,
     max_jobs: Annotated[int | None, typer.Option(help="Quit after this many jobs.")] = None,
     json_logs: Annotated[bool, typer.Option("--json-logs", help="Log JSON lines.")] = False,
+    gpus: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FUSION_GPUS",
+            help="One worker process per NVIDIA GPU: 'all' (as nvidia-smi lists them) or "
+            "indices like 0,1. Each sees only its GPU (CUDA_VISIBLE_DEVICES), is named "
+            "<FUSION_WORKER_NAME or host>.gpu<N>, serves metrics on FUSION_METRICS_PORT "
+            "(GPU 0) or that + 1 + N, and is restarted if it dies; SIGTERM stops them all.",
+        ),
+    ] = None,
 ) -> None:
-    """Run a GPU worker on the high, default and low queues (in that order)."""
-    from mlx_fusion.worker import FusionWorker
-
+    """Run a GPU worker on the high, default and low queues (in that order); with --gpus, one per
+    GPU under a supervisor."""
     settings = Settings()
     configure_logging(settings, json_logs)
+    if gpus is not None:
+        _supervise_gpus(settings, gpus, burst=burst, max_jobs=max_jobs, json_logs=json_logs)
+        return
+    from mlx_fusion.worker import FusionWorker
+
     with ExitStack() as stack:
         settings = _with_redis(settings, stack)
         try:
@@ -84,6 +98,43 @@ def worker(
             fusion_worker.work(burst=burst, max_jobs=max_jobs, logging_level=settings.log_level)
         except FusionError as e:
             _fail(e)
+
+
+def _supervise_gpus(
+    settings: Settings, text: str, *, burst: bool, max_jobs: int | None, json_logs: bool
+) -> None:
+    from mlx_fusion.gpus import (
+        GpuSelectionError,
+        GpuSupervisor,
+        detect_gpus,
+        parse_gpus,
+        worker_command,
+    )
+
+    try:
+        selected = parse_gpus(text)
+    except GpuSelectionError as e:
+        raise typer.BadParameter(str(e), param_hint="'--gpus' / FUSION_GPUS") from e
+    try:
+        gpus = detect_gpus() if selected == "all" else selected
+    except GpuSelectionError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    with ExitStack() as stack:
+        embedded = settings.redis_url is None
+        try:
+            settings = _with_redis(settings, stack)
+        except FusionError as e:
+            _fail(e)
+        supervisor = GpuSupervisor(
+            settings,
+            gpus,
+            worker_command(burst=burst, max_jobs=max_jobs, json_logs=json_logs),
+            redis_url=settings.redis_url if embedded else None,
+        )
+        code = supervisor.run()
+    if code != 0:
+        raise typer.Exit(code)
 
 
 @app.command()
