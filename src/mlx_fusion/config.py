@@ -245,6 +245,14 @@ class Settings(BaseSettings):
         description="How overdue a pending delivery must be to be taken as lost.",
     )
 
+    max_batch_size: int = Field(
+        default=32,
+        ge=1,
+        le=1024,
+        description="How many chat, completion or embedding jobs of one model run together in "
+        "one batch (continuous batching), unless the catalog entry sets max_batch_size; 1 runs "
+        "them one at a time.",
+    )
     schedule_lookahead: int = Field(
         default=64,
         ge=0,

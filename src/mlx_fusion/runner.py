@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -18,6 +19,7 @@ from mlx_fusion.config import Settings
 from mlx_fusion.errors import (
     FusionError,
     InferenceError,
+    JobCancelled,
     JobStoreError,
     JobValidationError,
     error_dict,
@@ -27,6 +29,7 @@ from mlx_fusion.jobs.document import Job, Kind, Webhook, parse_job, safe_fields
 from mlx_fusion.jobs.spool import Spool
 from mlx_fusion.jobs.store import Document, JobStore, elapsed_ms, utcnow
 from mlx_fusion.registry import ModelRegistry
+from mlx_fusion.streaming import JobStream
 from mlx_fusion.webhooks.outbox import pending_delivery
 
 log = structlog.get_logger(__name__)
@@ -81,6 +84,9 @@ class JobRunner:
         self.mark_spooled: Callable[[str, bool], Any] | None = None
         """Called with (job id, True) when a job's final write is spooled and (job id, False)
         once it is written (the worker keeps a Redis marker, so recovery leaves the job alone)."""
+        self.streams: Callable[[Job, str], JobStream | None] | None = None
+        """Called with (job, model id) when a job starts: the job's stream, when it asked for
+        one (the worker's, over Redis); None here means no job is streamed."""
         self.observe: Callable[[str, str, str, Mapping[str, Any]], Any] | None = None
         """Called with (final status, kind, model id, metrics) once per job this runner
         finishes (the worker's metrics); not for a duplicate whose write did not apply."""
@@ -191,9 +197,11 @@ class JobRunner:
         worker: str,
         enqueued_at: dt.datetime | None = None,
         cancellation: Cancellation | None = None,
+        deadline: float | None = None,
     ) -> dict[str, Any]:
         """Run one job document to a final status; raises the job's error after recording it.
-        A job cancelled while it runs (``cancellation``) ends ``cancelled`` and raises nothing."""
+        A job cancelled while it runs (``cancellation``) ends ``cancelled`` and raises nothing;
+        one still running at ``deadline`` (``time.monotonic()``) fails with ``timeout``."""
         try:
             job = parse_job(with_job_id(raw, job_id), max_input_bytes=self.settings.max_input_bytes)
         except FusionError as e:
@@ -206,11 +214,21 @@ class JobRunner:
             job_id=spec.id, request_id=spec.request_id, model=spec.model, kind=job.kind.value
         )
         return self._run(
-            job, worker=worker, enqueued_at=enqueued_at, cancel=cancellation or Cancellation()
+            job,
+            worker=worker,
+            enqueued_at=enqueued_at,
+            cancel=cancellation or Cancellation(),
+            deadline=deadline,
         )
 
     def _run(
-        self, job: Job, *, worker: str, enqueued_at: dt.datetime | None, cancel: Cancellation
+        self,
+        job: Job,
+        *,
+        worker: str,
+        enqueued_at: dt.datetime | None,
+        cancel: Cancellation,
+        deadline: float | None,
     ) -> dict[str, Any]:
         spec_doc = job.spec.to_document()
         try:
@@ -232,16 +250,23 @@ class JobRunner:
             "queue_wait_ms": max(0.0, elapsed_ms(doc["created_at"], doc["started_at"]))
         }
         log.info("job_started", attempts=doc.get("attempts"), **metrics)
+        stream = self.streams(job, model.id) if self.streams is not None else None
+        on_token = stream.on_token if stream is not None and stream.live else None
         try:
             with self.registry.lease(model) as lease:
                 metrics["load_ms"] = lease.load_ms
                 with cancel.attached(lease):
-                    result, run_metrics = lease.run(job)
+                    left_s = None if deadline is None else max(0.001, deadline - time.monotonic())
+                    result, run_metrics = lease.run(job, timeout_s=left_s, on_token=on_token)
             result = self.registry.finish(model, job, result, self._blob_writer(job))
         except Exception as e:
             if cancel.requested.is_set():  # however it ended (a check, a kill), it was cancelled
+                if stream is not None:
+                    stream.fail(JobCancelled("the job was cancelled").to_dict())
                 return self._cancelled(job, labels, webhook, e)
             err = e if isinstance(e, FusionError) else InferenceError(f"{type(e).__name__}: {e}")
+            if stream is not None:  # before the final write: a reader that sees it stops waiting
+                stream.fail(error_dict(err))
             outbox = pending_delivery(webhook, job.spec.id, "failed", utcnow())
             self._final(
                 "fail",
@@ -256,6 +281,8 @@ class JobRunner:
                 raise
             raise err from e
         metrics.update(run_metrics)
+        if stream is not None:
+            stream.complete(result)
         done, spooled = self._final(
             "complete",
             job.spec.id,

@@ -37,6 +37,16 @@ if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
 end
 return 0
 """
+_CLAIM = """
+local claimed = {}
+for i = 2, #ARGV do
+  if redis.call('LREM', KEYS[1], 1, ARGV[i]) == 1 then
+    redis.call('HSET', 'rq:job:' .. ARGV[i], 'status', 'started', 'worker_name', ARGV[1])
+    table.insert(claimed, ARGV[i])
+  end
+end
+return claimed
+"""
 _MODEL_CACHE_SIZE = 4096
 MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
 """Most of a decompressed RQ payload read to find the job's model."""
@@ -115,6 +125,7 @@ class Scheduler:
         self._loaded = loaded
         self._load_s = load_s
         self._move = connection.register_script(_MOVE_TO_HEAD)
+        self._claim = connection.register_script(_CLAIM)
         self._models: OrderedDict[str, str | None] = OrderedDict()
         self.waiting_models: frozenset[str] = frozenset()
         """Models of the jobs at the head of every queue at the last ``prepare`` (the registry
@@ -185,3 +196,44 @@ class Scheduler:
         if len(self._models) > _MODEL_CACHE_SIZE:
             self._models.popitem(last=False)
         return model
+
+    def batchable(
+        self, queue_keys: Sequence[str], model: str, now_ts: float, limit: int
+    ) -> tuple[str, list[str]] | None:
+        """(queue key, ids) of up to ``limit`` waiting jobs of ``model`` that may join its
+        running batch now: from the highest-priority non-empty queue only (priorities hold), and
+        none once a job of another model at its head has waited ``max_wait_s``. Without
+        lookahead (FIFO) only the jobs of ``model`` at the very head qualify."""
+        if limit <= 0:
+            return None
+        window = max(self._lookahead, limit) if self._lookahead > 1 else limit
+        with self._redis.pipeline(transaction=False) as pipe:
+            for key in queue_keys:
+                pipe.lrange(key, 0, window - 1)
+            heads = pipe.execute()
+        for key, raw in zip(queue_keys, heads, strict=True):
+            if not raw:
+                continue
+            waiting = self._describe([i.decode(errors="replace") for i in raw], now_ts)
+            head = waiting[0]
+            if head.model != model and (head.waited_s or 0.0) >= self._max_wait_s:
+                return None
+            if self._lookahead <= 1:
+                picks = []
+                for job in waiting:
+                    if job.model != model:
+                        break
+                    picks.append(job.job_id)
+            else:
+                picks = [job.job_id for job in waiting if job.model == model]
+            return (key, picks[:limit]) if picks else None
+        return None
+
+    def claim(self, queue_key: str, job_ids: Sequence[str], worker_name: str) -> list[str]:
+        """Take ``job_ids`` out of the queue for ``worker_name``, atomically (one script: each
+        removed entry's RQ job is marked started, so recovery requeues it should the worker
+        die before it runs); the ids it took (another worker may have been first)."""
+        if not job_ids:
+            return []
+        taken = self._claim(keys=[queue_key], args=[worker_name, *job_ids])
+        return [t.decode() if isinstance(t, bytes) else str(t) for t in taken]

@@ -34,7 +34,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -68,9 +68,9 @@ if TYPE_CHECKING:  # the webhook worker imports this module and must not load th
 
 log = structlog.get_logger(__name__)
 
-_CURRENT: contextvars.ContextVar[tuple[JobRunner, FusionWorker, Job, Cancellation] | None] = (
-    contextvars.ContextVar("mlx_fusion_current_job", default=None)
-)
+_CURRENT: contextvars.ContextVar[
+    tuple[JobRunner, FusionWorker, Job, Cancellation, float | None] | None
+] = contextvars.ContextVar("mlx_fusion_current_job", default=None)
 
 
 def run_job(document: Any) -> dict[str, Any]:
@@ -82,13 +82,14 @@ def run_job(document: Any) -> dict[str, Any]:
     current = _CURRENT.get()
     if current is None:
         raise RuntimeError("mlx_fusion.worker.run_job runs only inside a FusionWorker")
-    runner, worker, job, cancellation = current
+    runner, worker, job, cancellation, deadline = current
     return runner.process(
         document,
         job.id,
         worker=worker.name,
         enqueued_at=job.enqueued_at,
         cancellation=cancellation,
+        deadline=deadline,
     )
 
 
@@ -109,6 +110,9 @@ class FusionDeathPenalty(UnixSignalDeathPenalty):
 
 
 _MALFORMED_PAYLOAD = "<malformed>"
+
+STREAM_SOCKET_TIMEOUT_S = 2.0
+"""Longest a token-stream write waits for Redis before that stream is given up."""
 
 
 class WhitelistedJob(Job):
@@ -236,14 +240,22 @@ class FusionJob(WhitelistedJob):
 
 
 class _Heartbeat:
-    """A thread that keeps a running job alive in Redis and watches for its cancellation: every
-    ``CANCEL_POLL_S`` it looks for the job's cancel key; once it is there the job is asked to
-    stop, and killed with its model process if it still runs ``cancel_grace_s`` later."""
+    """A thread that keeps a running job alive in Redis (``beat``: by default the worker's
+    ``maintain_heartbeats``) and watches for its cancellation: every ``CANCEL_POLL_S`` it looks
+    for the job's cancel key; once it is there the job is asked to stop, and killed with its
+    model process if it still runs ``cancel_grace_s`` later."""
 
-    def __init__(self, worker: FusionWorker, job: Job, cancellation: Cancellation) -> None:
+    def __init__(
+        self,
+        worker: FusionWorker,
+        job: Job,
+        cancellation: Cancellation,
+        beat: Callable[[], Any] | None = None,
+    ) -> None:
         self._worker = worker
         self._job = job
         self._cancellation = cancellation
+        self._beat_once = beat or self._worker_beat
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="fusion-heartbeat", daemon=True)
 
@@ -265,10 +277,13 @@ class _Heartbeat:
                     cancelled_at = float("inf")  # once
                 if now >= next_beat:
                     next_beat = now + interval
-                    if self._worker.execution is not None:
-                        self._worker.maintain_heartbeats(self._job)
+                    self._beat_once()
             except Exception as e:  # a missed beat must never kill the job
                 log.warning("heartbeat_failed", job_id=self._job.id, error=str(e))
+
+    def _worker_beat(self) -> None:
+        if self._worker.execution is not None:
+            self._worker.maintain_heartbeats(self._job)
 
     def _cancel_requested(self) -> bool:
         key = self._worker.settings.cancel_key(self._job.id)
@@ -366,6 +381,7 @@ class FusionWorker(MonitoredWorker):
     death_penalty_class = FusionDeathPenalty
     job_class = FusionJob
     metrics: WorkerMetrics
+    _streams_redis: Any = None
 
     def __init__(
         self,
@@ -397,6 +413,8 @@ class FusionWorker(MonitoredWorker):
             outbox = Outbox(self.settings, self.runner.store, self.connection)
             self.runner.notify = outbox.notify
         self.runner.mark_spooled = self._mark_spooled
+        if self.runner.streams is None:
+            self.runner.streams = self._job_stream
         from mlx_fusion.recovery import JobRecovery
 
         self.recovery = JobRecovery(
@@ -404,6 +422,31 @@ class FusionWorker(MonitoredWorker):
         )
         self.metrics = self._build_metrics()
         self.model_scheduler = self._build_scheduler()
+
+    def _job_stream(self, job: Any, model_id: str) -> Any:
+        from mlx_fusion.streaming import JobStream, writer_for_job
+
+        writer = writer_for_job(
+            self._stream_connection(), self.settings.queue_prefix, job, model_id
+        )
+        return None if writer is None else JobStream(writer, job)
+
+    def _stream_connection(self) -> Any:
+        """A Redis client for token streams that gives up at once: a stream write happens on
+        the thread that delivers every batched job's replies, which must never wait out a Redis
+        outage (the job's record is the source of truth; its stream is best effort)."""
+        if self._streams_redis is None:
+            from redis import ConnectionPool, Redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+
+            pool = self.connection.connection_pool
+            kwargs = {**pool.connection_kwargs, "socket_timeout": STREAM_SOCKET_TIMEOUT_S}
+            kwargs["retry"] = Retry(NoBackoff(), 0)
+            self._streams_redis = Redis(
+                connection_pool=ConnectionPool(connection_class=pool.connection_class, **kwargs)
+            )
+        return self._streams_redis
 
     def _build_scheduler(self) -> Scheduler:
         registry = self.runner.registry
@@ -515,15 +558,14 @@ class FusionWorker(MonitoredWorker):
         job.timeout = self.settings.effective_timeout_s(requested)
         self.prepare_execution(job)
         cancellation = Cancellation()
-        # every line logged during the job (ours, RQ's, the model process's) carries these
-        echoed = safe_fields(document)
-        context = {k: echoed.get(k) for k in ("request_id", "model", "kind")}
         self._running_job = job.id
         self.metrics.busy.set(1)
         try:
+            # the jobs of a batching model that wait in the queues join this one (batch_session)
             with (
-                structlog.contextvars.bound_contextvars(worker=self.name, job_id=job.id, **context),
-                self._current(job, cancellation),
+                BatchSession.open(self, document),
+                self.job_context(job, document),
+                self.current(job, cancellation),
                 _Heartbeat(self, job, cancellation),
             ):
                 self.perform_job(job, queue)
@@ -532,9 +574,18 @@ class FusionWorker(MonitoredWorker):
             self.metrics.busy.set(0)
         self.set_state("idle")
 
+    def job_context(self, job: Job, document: Any) -> Any:
+        """Bind the log fields every line of the job carries (ours, RQ's, the model
+        process's) for the length of the block."""
+        echoed = safe_fields(document)
+        context = {k: echoed.get(k) for k in ("request_id", "model", "kind")}
+        return structlog.contextvars.bound_contextvars(worker=self.name, job_id=job.id, **context)
+
     @contextmanager
-    def _current(self, job: Job, cancellation: Cancellation) -> Iterator[None]:
-        token = _CURRENT.set((self.runner, self, job, cancellation))
+    def current(self, job: Job, cancellation: Cancellation) -> Iterator[None]:
+        """Make ``job`` the one ``run_job`` runs in this thread, until its timeout."""
+        deadline = time.monotonic() + job.timeout if isinstance(job.timeout, (int, float)) else None
+        token = _CURRENT.set((self.runner, self, job, cancellation, deadline))
         try:
             yield
         finally:
@@ -605,3 +656,6 @@ def queue_names_of(queues: Sequence[str | Queue] | str | Queue | None) -> list[s
         return []
     items = [queues] if isinstance(queues, (str, Queue)) else list(queues)
     return [q.name if isinstance(q, Queue) else q for q in items]
+
+
+from mlx_fusion.batch_session import BatchSession  # noqa: E402  (it builds on this module)

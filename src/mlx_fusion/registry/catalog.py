@@ -9,6 +9,9 @@
     pinned = false              # load at worker start, never evict
     keep_alive_s = 600          # idle time before unloading; -1 never, 0 after each job
     max_concurrent_jobs = 1
+    max_batch_size = 32         # chat/completion/embedding jobs batched together (default:
+                                # FUSION_MAX_BATCH_SIZE); 1 runs them one at a time
+    prompt_cache_bytes = 536870912   # reusable KV caches of prompt prefixes (lm); 0 turns off
 
     [models.qwen]
     kind = "lm"
@@ -58,6 +61,11 @@ class ModelSpec(BaseModel):
     pinned: bool = False
     keep_alive_s: float | None = None
     max_concurrent_jobs: int = Field(default=1, ge=1)
+    max_batch_size: int | None = Field(default=None, ge=1, le=1024)
+    """Jobs run together in one batch, for kinds that batch (lm, embeddings); None: the
+    worker's ``max_batch_size`` setting."""
+    prompt_cache_bytes: int | None = Field(default=None, ge=0)
+    """Bytes of KV caches kept for prompt-prefix reuse (lm, batched); None: 512 MiB, 0: off."""
     default_max_tokens: int = Field(default=512, ge=1)
     quantize_bits: Literal[2, 3, 4, 6, 8] | None = None
     trust_remote_code: bool = False

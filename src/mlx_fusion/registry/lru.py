@@ -44,6 +44,7 @@ from mlx_fusion.jobs.document import Job, Kind
 from mlx_fusion.registry.budget import budget_bytes, estimate_bytes
 from mlx_fusion.registry.catalog import Catalog, ModelKind, ModelSpec
 from mlx_fusion.registry.kinds import KINDS, KindModule
+from mlx_fusion.registry.multiplex import Request, TokenCallback
 from mlx_fusion.registry.process import InProcessModel, MemoryReport, ModelHandle, ModelProcess
 
 log = structlog.get_logger(__name__)
@@ -121,22 +122,29 @@ class Lease:
     """Time this job spent waiting for the load (0.0 when the model was already loaded)."""
     _registry: ModelRegistry
     _entry: _Entry
+    _request: Request = field(default_factory=Request)
 
     def run(
-        self, job: Job, timeout_s: float | None = None
+        self,
+        job: Job,
+        timeout_s: float | None = None,
+        on_token: TokenCallback | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Run the job on the leased model: (OpenAI result, metrics)."""
-        return self._registry._run(self._entry, job, timeout_s)
+        """Run the job on the leased model: (OpenAI result, metrics). ``on_token`` gets the
+        pieces of a streamed job as the model produces them."""
+        self._request.stream = on_token is not None
+        self._request.on_token = on_token
+        return self._registry._run(self._entry, job, timeout_s, self._request)
 
     def cancel(self) -> None:
-        """Ask the job running on this model to stop at its next check."""
+        """Ask this lease's job to stop at its next check."""
         if self._entry.handle is not None:
-            self._entry.handle.cancel()
+            self._entry.handle.cancel(self._request)
 
     def kill(self) -> None:
-        """End the job running on this model by force (its model process is killed)."""
+        """End this lease's job by force (its model process is killed, with every job in it)."""
         if self._entry.handle is not None:
-            self._entry.handle.kill()
+            self._entry.handle.kill(self._request)
 
 
 class ModelRegistry:
@@ -176,10 +184,26 @@ class ModelRegistry:
         self._closing = threading.Event()
 
     def _default_factory(self, spec: ModelSpec, kind_module: str) -> ModelHandle:
-        cls = ModelProcess if self.settings.registry_mode == "process" else InProcessModel
         # a prepared job may carry a referenced file inline, base64: beyond the document limit
         limit = self.settings.max_input_bytes + 3 * self.settings.max_file_bytes
-        return cls(spec, kind_module, max_input_bytes=limit)
+        if self.settings.registry_mode != "process":
+            return InProcessModel(spec, kind_module, max_input_bytes=limit)
+        return ModelProcess(
+            spec, kind_module, max_input_bytes=limit, max_batch=self.batch_limit(spec)
+        )
+
+    def batch_limit(self, spec: ModelSpec) -> int:
+        """How many jobs ``spec``'s model runs at once in one batch: its catalog
+        ``max_batch_size``, else ``Settings.max_batch_size``, for a kind with a batch engine
+        in a model process; 1 otherwise."""
+        kind = self._kinds.get(spec.kind)
+        if self.settings.registry_mode != "process" or not hasattr(kind, "BatchEngine"):
+            return 1
+        return spec.max_batch_size or self.settings.max_batch_size
+
+    def concurrency(self, spec: ModelSpec) -> int:
+        """How many leases of ``spec``'s model may run jobs at the same time."""
+        return max(spec.max_concurrent_jobs, self.batch_limit(spec))
 
     # ----- resolving ---------------------------------------------------------------------
 
@@ -247,7 +271,7 @@ class ModelRegistry:
                     self._forget(entry, reason="process died while idle")
                     continue
                 if entry is not None:
-                    if entry.ready and entry.in_use < spec.max_concurrent_jobs:
+                    if entry.ready and entry.in_use < self.concurrency(spec):
                         entry.in_use += 1
                         entry.hits += 1
                         self._stats["hits"] += 1
@@ -353,14 +377,14 @@ class ModelRegistry:
     # ----- running -----------------------------------------------------------------------
 
     def _run(
-        self, entry: _Entry, job: Job, timeout_s: float | None
+        self, entry: _Entry, job: Job, timeout_s: float | None, request: Request
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         document = job.spec.to_document()
         for attempt in (1, 2):
             handle = entry.handle
             assert handle is not None
             try:
-                result, metrics, memory = handle.run(document, timeout_s)
+                result, metrics, memory = handle.run(document, timeout_s, request)
             except OutOfMemory:
                 if attempt == 2 or not self._evict_idle(for_model=entry.spec.id):
                     raise

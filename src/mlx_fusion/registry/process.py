@@ -44,8 +44,9 @@ from mlx_fusion.errors import (
     error_from_dict,
 )
 from mlx_fusion.jobs.document import parse_job
-from mlx_fusion.registry import cancel
+from mlx_fusion.registry import cancel, multiplex
 from mlx_fusion.registry.catalog import ModelSpec
+from mlx_fusion.registry.multiplex import Multiplexer, Request
 
 OOM_MARKERS = (
     "out of memory",
@@ -60,6 +61,10 @@ OOM_MARKERS = (
 
 TERM_WAIT_S = 1.0
 """How long ``stop`` waits after SIGTERM before SIGKILL."""
+
+ABORT_GRACE_S = 5.0
+"""How long a batched job past its timeout waits for the model process to drop it before the
+process, stuck, is killed."""
 
 log = structlog.get_logger(__name__)
 
@@ -97,16 +102,21 @@ class ModelHandle(Protocol):
     def start(self, timeout_s: float) -> LoadReport: ...
 
     def run(
-        self, job_document: dict[str, Any], timeout_s: float | None = None
+        self,
+        job_document: dict[str, Any],
+        timeout_s: float | None = None,
+        request: Request | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any], MemoryReport]: ...
 
     def stop(self, grace_s: float = 5.0) -> None: ...
 
-    def cancel(self) -> None:
-        """Ask the job in flight to stop at its next check (see ``registry.cancel``)."""
+    def cancel(self, request: Request | None = None) -> None:
+        """Ask the job in flight (``request``'s, when several are) to stop at its next check
+        (see ``registry.cancel``)."""
 
-    def kill(self) -> None:
-        """End the job in flight by force, when the holder can (a model process can)."""
+    def kill(self, request: Request | None = None) -> None:
+        """End the job in flight by force, when the holder can (a model process can); with
+        ``request``, only while that job still runs."""
 
     @property
     def alive(self) -> bool: ...
@@ -183,6 +193,15 @@ def _run(
     return result, metrics, memory
 
 
+def _log_context() -> dict[str, Any]:
+    """The worker's log context of the job being sent (job_id, request_id, kind, worker)."""
+    return {
+        str(k): v
+        for k, v in structlog.contextvars.get_contextvars().items()
+        if isinstance(v, (str, int, float, bool, type(None)))
+    }
+
+
 def _exit_with_parent() -> None:
     parent = multiprocessing.parent_process()
     if parent is not None:
@@ -197,6 +216,7 @@ def _child_main(
     max_input_bytes: int,
     cancel_flag: Any,
     log_config: dict[str, Any] | None = None,
+    max_batch: int = 1,
 ) -> None:
     # Ctrl-C on the worker's terminal reaches this process group too; the parent stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -213,12 +233,29 @@ def _child_main(
     structlog.contextvars.bind_contextvars(model=spec_data.get("id"))
     try:
         kind, model = _load(ModelSpec.model_validate(spec_data), kind_module)
+        engine_class = getattr(kind, "BatchEngine", None) if max_batch > 1 else None
+        engine = engine_class(model, max_batch) if engine_class is not None else None
         reply: tuple[str, Any] = (
             "ok",
-            {"memory": asdict(_memory_report()), "device": _device_info()},
+            {
+                "memory": asdict(_memory_report()),
+                "device": _device_info(),
+                "batch": max_batch if engine is not None else 1,
+            },
         )
     except Exception as e:
         conn.send(("error", error_reply(e, ModelLoadError, context)))
+        return
+    if engine is not None:
+        conn.send(reply)
+        multiplex.serve(
+            conn,
+            engine,
+            max_input_bytes=max_input_bytes,
+            context=context,
+            memory=_memory_report,
+            error_reply=error_reply,
+        )
         return
     while True:
         try:
@@ -243,12 +280,17 @@ class _Timeout(Exception):
 
 
 class ModelProcess:
-    """A model loaded in a child process; one request in flight at a time."""
+    """A model loaded in a child process: one request in flight at a time, or, for a kind
+    with a batch engine and ``max_batch`` above one, up to that many (``registry.multiplex``)."""
 
-    def __init__(self, spec: ModelSpec, kind_module: str, *, max_input_bytes: int) -> None:
+    def __init__(
+        self, spec: ModelSpec, kind_module: str, *, max_input_bytes: int, max_batch: int = 1
+    ) -> None:
         self.spec = spec
         self.kind_module = kind_module
         self.max_input_bytes = max_input_bytes
+        self.max_batch = max_batch
+        self._mux: Multiplexer | None = None
         self._lock = threading.RLock()
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
@@ -291,6 +333,7 @@ class ModelProcess:
                 self.max_input_bytes,
                 self._cancel,
                 logs.child_config(),
+                self.max_batch,
             ),
             name=f"mlx-fusion-model:{self.spec.id}",
             daemon=True,
@@ -313,33 +356,42 @@ class ModelProcess:
             if status != "ok":
                 self._shut_down(kill=False)
                 raise error_from_dict(payload)
+            if payload.get("batch", 1) > 1:
+                self._mux = Multiplexer(parent_conn, f"model-{self.spec.id}", self._death_joined)
         return LoadReport(
             load_ms=round((time.perf_counter() - began) * 1000, 3),
             memory=MemoryReport(**payload["memory"]),
             device=payload["device"],
         )
 
+    @property
+    def batching(self) -> bool:
+        """True when several jobs may run at once in this process."""
+        return self._mux is not None
+
     def run(
-        self, job_document: dict[str, Any], timeout_s: float | None = None
+        self,
+        job_document: dict[str, Any],
+        timeout_s: float | None = None,
+        request: Request | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any], MemoryReport]:
         """Run one job document in the child: (result, metrics, memory after the job).
 
         A ``FusionError`` the job raised comes back as itself and the child lives on; a timeout
         (``JobTimeout``), a dead child (``ModelCrashed``) or any exception while waiting kills
-        the child, and every later ``run`` raises ``ModelCrashed``.
+        the child, and every later ``run`` raises ``ModelCrashed``. In a batching process a
+        timeout or an exception while waiting ends only this job, unless the child does not
+        drop it within ``ABORT_GRACE_S`` (stuck: it is killed).
         """
+        if self._mux is not None:
+            return self._run_batched(self._mux, job_document, timeout_s, request or Request())
         with self._lock:
             if not self.alive or self._conn is None:
                 raise ModelCrashed(f"model {self.spec.id!r}: model process is not running")
             try:
                 if self._cancel is not None:
                     self._cancel.clear()
-                context = {
-                    str(k): v
-                    for k, v in structlog.contextvars.get_contextvars().items()
-                    if isinstance(v, (str, int, float, bool, type(None)))
-                }
-                self._conn.send(("run", job_document, context))
+                self._conn.send(("run", job_document, _log_context()))
                 status, payload = self._receive(timeout_s, during="job")
             except _Timeout:
                 self._shut_down(kill=True)
@@ -353,13 +405,54 @@ class ModelProcess:
             raise error_from_dict(payload)
         return payload["result"], payload["metrics"], MemoryReport(**payload["memory"])
 
-    def cancel(self) -> None:
-        """Set the child's cancel flag: the job in flight stops at its next check."""
+    def _run_batched(
+        self,
+        mux: Multiplexer,
+        job_document: dict[str, Any],
+        timeout_s: float | None,
+        request: Request,
+    ) -> tuple[dict[str, Any], dict[str, Any], MemoryReport]:
+        if not self.alive:
+            raise ModelCrashed(f"model {self.spec.id!r}: model process is not running")
+        slot = mux.submit(job_document, _log_context(), request)
+        assert request.tag is not None
+        try:
+            if not slot.event.wait(timeout_s):
+                mux.cancel(request.tag, timed_out=True)
+                if not slot.event.wait(ABORT_GRACE_S):
+                    self._shut_down(kill=True)
+                    raise JobTimeout(
+                        f"model {self.spec.id!r}: job ran past {timeout_s:g} s and the model "
+                        "process did not drop it; model process killed"
+                    )
+        except BaseException:  # the job's own timeout signal, an interrupt: end this job only
+            mux.cancel(request.tag, timed_out=True)
+            if not slot.event.wait(ABORT_GRACE_S):
+                self._shut_down(kill=True)
+            raise
+        finally:
+            request.done = True
+        assert slot.reply is not None
+        status, payload = slot.reply
+        if status != "ok":
+            raise error_from_dict(payload)
+        return payload["result"], payload["metrics"], MemoryReport(**payload["memory"])
+
+    def cancel(self, request: Request | None = None) -> None:
+        """The job in flight (``request``'s, in a batching process) stops at its next check."""
+        if self._mux is not None:
+            if request is not None and request.tag is not None and not request.done:
+                self._mux.cancel(request.tag, timed_out=False)
+            return
         if self._cancel is not None:
             self._cancel.set()
 
-    def kill(self) -> None:
-        """SIGKILL the child now: the job in flight ends (``ModelCrashed``), the model unloads."""
+    def kill(self, request: Request | None = None) -> None:
+        """SIGKILL the child now: the job in flight ends (``ModelCrashed``), the model unloads.
+        In a batching process, only while ``request`` (when given) still runs: every job of the
+        batch ends with it."""
+        if self._mux is not None and request is not None and request.done:
+            return
         process = self._process
         if process is not None and process.exitcode is None:
             process.kill()
@@ -373,7 +466,10 @@ class ModelProcess:
         process = self._process
         if process is None:
             return
-        if process.is_alive() and self._lock.acquire(blocking=False):
+        if self._mux is not None:
+            if process.is_alive():
+                self._mux.stop()
+        elif process.is_alive() and self._lock.acquire(blocking=False):
             try:
                 if self._conn is not None:
                     self._conn.send(("stop", None))
@@ -406,6 +502,12 @@ class ModelProcess:
             pass
         self._process.join(5.0)
         raise ModelCrashed(f"model {self.spec.id!r}: {self._death()} during the {during}")
+
+    def _death_joined(self) -> str:
+        process = self._process
+        if process is not None:
+            process.join(1.0)
+        return f"model {self.spec.id!r}: {self._death()}"
 
     def _death(self) -> str:
         code = None if self._process is None else self._process.exitcode
@@ -468,9 +570,13 @@ class InProcessModel:
         )
 
     def run(
-        self, job_document: dict[str, Any], timeout_s: float | None = None
+        self,
+        job_document: dict[str, Any],
+        timeout_s: float | None = None,
+        request: Request | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any], MemoryReport]:
-        """Run one job document here (``timeout_s`` is not enforced in-process)."""
+        """Run one job document here (``timeout_s`` is not enforced in-process, and nothing is
+        streamed)."""
         with self._lock:
             if self._kind is None:
                 raise ModelCrashed(f"model {self.spec.id!r}: model is not loaded")
@@ -481,11 +587,11 @@ class InProcessModel:
                 context = f"model {self.spec.id!r}"
                 raise error_from_dict(error_reply(e, InferenceError, context)) from e
 
-    def cancel(self) -> None:
+    def cancel(self, request: Request | None = None) -> None:
         """Set this process's cancel flag: the job in flight stops at its next check."""
         cancel.flag().set()
 
-    def kill(self) -> None:
+    def kill(self, request: Request | None = None) -> None:
         """Nothing: a job in this process can only stop at a check."""
 
     def stop(self, grace_s: float = 5.0) -> None:

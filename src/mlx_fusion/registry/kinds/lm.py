@@ -407,34 +407,67 @@ def completion_object(
     }
 
 
-def _run_chat(lm: LoadedLM, job: Job) -> tuple[dict[str, Any], Generation]:
+@dataclass(frozen=True)
+class JobPlan:
+    """Everything a generation for one job needs, decided before the first token."""
+
+    prompt: list[int]
+    max_tokens: int
+    params: SamplingParams
+    chat: ChatPlan | None = None
+    """The chat plan (tools, initial state) of a chat job; None for a text completion."""
+    constraints: list[Any] = field(default_factory=list)
+    top_logprobs: int | None = None
+
+
+def plan_job(lm: LoadedLM, job: Job) -> JobPlan:
+    """The prompt, limits and constraints of a chat or text completion job (``InvalidInput``
+    for what the model cannot run)."""
+    job_input = job.input
+    if isinstance(job_input, ChatCompletionInput):
+        max_tokens = job_input.token_limit(lm.spec.default_max_tokens)
+        _check_schema(job_input)
+        chat = _render_chat(lm, job_input)
+        return JobPlan(
+            prompt=chat.prompt,
+            max_tokens=max_tokens,
+            params=job_input,
+            chat=chat,
+            constraints=_constraints(lm, job_input, chat),
+            top_logprobs=(job_input.top_logprobs or 0) if job_input.logprobs else None,
+        )
+    assert isinstance(job_input, CompletionInput)
+    prompt = [int(t) for t in lm.tokenizer.encode(job_input.prompt_text())]
+    max_tokens = job_input.token_limit(lm.spec.default_max_tokens)
+    return JobPlan(prompt=prompt, max_tokens=max_tokens, params=job_input)
+
+
+def job_result(lm: LoadedLM, job: Job, plan: JobPlan, gen: Generation) -> dict[str, Any]:
+    """The OpenAI result of a finished generation (``output_error`` when a chat job's output
+    breaks what it asked for: JSON, a required tool call)."""
+    created = int(time.time())
+    if plan.chat is None:
+        return completion_object(job, lm.spec.id, gen, created)
     job_input = job.input
     assert isinstance(job_input, ChatCompletionInput)
-    _check_schema(job_input)
-    plan = _render_chat(lm, job_input)
-    top_n = (job_input.top_logprobs or 0) if job_input.logprobs else None
-    gen = generate(
-        lm,
-        job_input,
-        plan.prompt,
-        job_input.token_limit(lm.spec.default_max_tokens),
-        constraints=_constraints(lm, job_input, plan),
-        top_logprobs=top_n,
-    )
-    message, finish_reason = _chat_message(lm, job_input, plan, gen)
+    message, finish_reason = _chat_message(lm, job_input, plan.chat, gen)
     logprobs = None if gen.logprobs is None else _logprobs_object(lm, gen.logprobs)
-    created = int(time.time())
-    return completion_object(job, lm.spec.id, gen, created, message, finish_reason, logprobs), gen
+    return completion_object(job, lm.spec.id, gen, created, message, finish_reason, logprobs)
 
 
 def run(lm: LoadedLM, job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run a chat or text completion job: (OpenAI result, metrics)."""
-    job_input = job.input
-    if isinstance(job_input, ChatCompletionInput):
-        result, gen = _run_chat(lm, job)
-    else:
-        assert isinstance(job_input, CompletionInput)
-        prompt = [int(t) for t in lm.tokenizer.encode(job_input.prompt_text())]
-        gen = generate(lm, job_input, prompt, job_input.token_limit(lm.spec.default_max_tokens))
-        result = completion_object(job, lm.spec.id, gen, created=int(time.time()))
-    return result, gen.metrics()
+    plan = plan_job(lm, job)
+    gen = generate(
+        lm,
+        plan.params,
+        plan.prompt,
+        plan.max_tokens,
+        constraints=plan.constraints,
+        top_logprobs=plan.top_logprobs,
+    )
+    return job_result(lm, job, plan, gen), gen.metrics()
+
+
+# the batch engine of this kind (``registry.engine``); imported last, as it builds on this module
+from mlx_fusion.registry.kinds.lm_batch import LMBatchEngine as BatchEngine  # noqa: E402, F401

@@ -1,0 +1,272 @@
+"""Continuous batching for language models: many chat and completion jobs in one mlx-lm
+``BatchGenerator`` (see ``registry.engine`` for how a model process drives it).
+
+Each job keeps what it asked for: its own sampler (jobs with the same sampling parameters share
+one, so a batch of them samples in one call), repetition penalty, JSON or tool-call
+constraints, log-probabilities, stop sequences and token limit. Jobs join the running batch
+whenever they arrive and leave it when they finish, fail or are cancelled; nothing one job does
+ends another. A job with a ``seed`` runs alone between steps (MLX's random state is global).
+
+Prompt prefixes are reused: the KV cache of every finished sequence goes into mlx-lm's
+``LRUPromptCache`` (bounded in bytes), and a new job starts from the longest cached prefix of
+its prompt (a shared system prompt, the earlier turns of a chat).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from mlx_fusion.errors import FusionError, JobCancelled, JobTimeout
+from mlx_fusion.jobs.document import Job
+from mlx_fusion.registry.engine import Event
+from mlx_fusion.registry.kinds import lm
+
+DEFAULT_PROMPT_CACHE_BYTES = 512 * 1024 * 1024
+"""Bytes of reusable KV caches a model keeps when its catalog entry sets none."""
+
+PROMPT_CACHE_ENTRIES = 64
+"""Most cached prompts per model (LRU beyond that, and beyond the byte bound)."""
+
+PREFILL_BATCH_SIZE = 8
+"""Most prompts processed together in one prefill pass."""
+
+_MODEL_KEY = "model"
+"""The prompt cache's model key: one model per process."""
+
+
+@lru_cache(maxsize=256)
+def _sampler(temp: float, top_p: float, min_p: float, top_k: int) -> Any:
+    from mlx_lm.sample_utils import make_sampler
+
+    return make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
+
+
+@dataclass
+class _Sequence:
+    tag: int
+    job: Job
+    plan: lm.JobPlan
+    detokenizer: Any
+    stream: bool
+    cached_tokens: int
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    text: str = ""
+    sent: int = 0
+    """Characters of ``text`` already streamed."""
+    tokens: int = 0
+    logprobs: list[lm.TokenLogprob] = field(default_factory=list)
+    batch_peak: int = 0
+    uid: int | None = None
+
+    @property
+    def stops(self) -> list[str]:
+        return self.plan.params.stop_sequences()
+
+
+class LMBatchEngine:
+    """A ``registry.engine.BatchEngine`` over mlx-lm's ``BatchGenerator``."""
+
+    def __init__(self, model: lm.LoadedLM, max_batch: int) -> None:
+        from mlx_lm.generate import BatchGenerator
+        from mlx_lm.models.cache import LRUPromptCache
+
+        self.lm = model
+        self.max_batch = max(1, max_batch)
+        eos = sorted(int(t) for t in model.tokenizer.eos_token_ids)
+        self._generator = BatchGenerator(
+            model.model,
+            stop_tokens=[[t] for t in eos],
+            completion_batch_size=self.max_batch,
+            prefill_batch_size=min(PREFILL_BATCH_SIZE, self.max_batch),
+        )
+        configured = model.spec.prompt_cache_bytes
+        limit = DEFAULT_PROMPT_CACHE_BYTES if configured is None else configured
+        self.prompt_cache = LRUPromptCache(max_size=PROMPT_CACHE_ENTRIES, max_bytes=limit)
+        self._cache_bytes = limit
+        self._sequences: dict[int, _Sequence] = {}
+        self._by_uid: dict[int, int] = {}
+        self._solo: deque[tuple[int, Job, bool]] = deque()
+        self._cancelled: dict[int, bool] = {}
+
+    # ----- the engine protocol ----------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        """True while a job has not ended."""
+        return bool(self._sequences or self._solo or self._cancelled)
+
+    def submit(self, tag: int, job: Job, stream: bool = False) -> None:
+        """Plan the job and add it to the batch (a seeded job waits for its turn alone)."""
+        if getattr(job.input, "seed", None) is not None:
+            self._solo.append((tag, job, stream))
+            return
+        plan = lm.plan_job(self.lm, job)
+        params = plan.params
+        cache, rest = self._cached_prefix(plan.prompt)
+        seq = _Sequence(
+            tag=tag,
+            job=job,
+            plan=plan,
+            detokenizer=self.lm.tokenizer.detokenizer,
+            stream=stream,
+            cached_tokens=len(plan.prompt) - len(rest),
+        )
+        processors = self._processors(params) + plan.constraints
+        (uid,) = self._generator.insert(
+            [rest],
+            max_tokens=[plan.max_tokens],
+            caches=[cache],
+            all_tokens=[plan.prompt[: seq.cached_tokens]],
+            samplers=[_sampler(params.temperature, params.top_p, params.min_p, params.top_k)],
+            logits_processors=[processors],
+        )
+        seq.uid = uid
+        self._sequences[tag] = seq
+        self._by_uid[uid] = tag
+
+    def cancel(self, tag: int, *, timed_out: bool = False) -> None:
+        """End the job at the next step."""
+        if tag in self._sequences or any(t == tag for t, _, _ in self._solo):
+            self._cancelled[tag] = timed_out
+
+    def step(self) -> list[Event]:
+        """Cancel what was cancelled, then one batch step (or one seeded job, whole)."""
+        events = self._take_cancelled()
+        if not self._sequences and self._solo:
+            return events + self._run_solo()
+        if not self._sequences:
+            return events
+        _, responses = self._generator.next()  # type: ignore[no-untyped-call]
+        width = len(responses)
+        for response in responses:
+            tag = self._by_uid.get(response.uid)
+            if tag is None:
+                continue
+            seq = self._sequences[tag]
+            seq.batch_peak = max(seq.batch_peak, width)
+            events.extend(self._advance(seq, response))
+        return events
+
+    # ----- internals --------------------------------------------------------------------------
+
+    def _processors(self, params: Any) -> list[Any]:
+        from mlx_lm.sample_utils import make_logits_processors
+
+        return list(make_logits_processors(repetition_penalty=params.repetition_penalty))
+
+    def _cached_prefix(self, prompt: list[int]) -> tuple[Any, list[int]]:
+        """(a KV cache of the longest cached prefix or None, the tokens still to process)."""
+        if self._cache_bytes <= 0:
+            return None, prompt
+        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+        cache, rest = self.prompt_cache.fetch_nearest_cache(_MODEL_KEY, prompt)
+        if cache is not None and not rest:  # the whole prompt is cached: recompute the last token
+            if not can_trim_prompt_cache(cache):
+                return None, prompt
+            trim_prompt_cache(cache, 1)
+            rest = prompt[-1:]
+        return cache, list(rest)
+
+    def _take_cancelled(self) -> list[Event]:
+        events: list[Event] = []
+        for tag, timed_out in list(self._cancelled.items()):
+            del self._cancelled[tag]
+            error: FusionError = (
+                JobTimeout("the job ran past its timeout; it was removed from the batch")
+                if timed_out
+                else JobCancelled("the job was cancelled while running")
+            )
+            seq = self._sequences.pop(tag, None)
+            if seq is not None and seq.uid is not None:
+                self._generator.remove([seq.uid])  # type: ignore[no-untyped-call]
+                self._by_uid.pop(seq.uid, None)
+            self._solo = deque(s for s in self._solo if s[0] != tag)
+            events.append(Event(tag, "error", error))
+        return events
+
+    def _run_solo(self) -> list[Event]:
+        tag, job, _ = self._solo.popleft()
+        try:
+            return [Event(tag, "done", lm.run(self.lm, job))]
+        except Exception as e:
+            return [Event(tag, "error", e)]
+
+    def _advance(self, seq: _Sequence, response: Any) -> list[Event]:
+        now = time.perf_counter()
+        if seq.first_token is None:
+            seq.first_token = now
+        seq.tokens += 1
+        finish = response.finish_reason
+        if finish != "stop":  # "stop": an end-of-sequence token, which is not text
+            if seq.plan.top_logprobs is not None:
+                seq.logprobs.append(lm._token_logprob(response, seq.plan.top_logprobs))
+            seq.detokenizer.add_token(int(response.token))
+        if finish is not None:
+            seq.detokenizer.finalize()
+        longest = max((len(s) for s in seq.stops), default=0)
+        search_from = max(0, len(seq.text) - longest)
+        seq.text += seq.detokenizer.last_segment
+        stopped_by = None
+        if seq.stops:
+            cut, stopped_by = lm.earliest_stop(seq.text, seq.stops, search_from)
+            if stopped_by is not None:
+                if seq.logprobs:
+                    seq.logprobs = lm._logprobs_of_text(
+                        self.lm, seq.logprobs, seq.text[:cut], seq.text
+                    )
+                seq.text = seq.text[:cut]
+                finish = "stop"
+                if response.finish_reason is None:  # still in the batch: take it out
+                    self._generator.remove([response.uid])  # type: ignore[no-untyped-call]
+        events: list[Event] = []
+        if seq.stream:
+            hold = 0 if finish is not None else max(0, longest - 1)
+            upto = max(seq.sent, len(seq.text) - hold)
+            if upto > seq.sent:
+                piece = seq.text[seq.sent : upto]
+                seq.sent = upto
+                events.append(Event(seq.tag, "token", {"text": piece, "produced_at": time.time()}))
+        if finish is None:
+            return events
+        self._finish_cache(seq, response)
+        self._sequences.pop(seq.tag, None)
+        self._by_uid.pop(response.uid, None)
+        gen = lm.Generation(
+            text=seq.text,
+            finish_reason="length" if finish == "length" else "stop",
+            prompt_tokens=len(seq.plan.prompt),
+            completion_tokens=seq.tokens,
+            inference_ms=round((now - seq.submitted) * 1000, 3),
+            tokens_per_s=round(seq.tokens / max(now - (seq.first_token or now), 1e-9), 3)
+            if seq.tokens > 1
+            else 0.0,
+            stop_sequence=stopped_by,
+            logprobs=seq.logprobs if seq.plan.top_logprobs is not None else None,
+        )
+        try:
+            result = lm.job_result(self.lm, seq.job, seq.plan, gen)
+        except Exception as e:
+            return [*events, Event(seq.tag, "error", e)]
+        metrics = {
+            **gen.metrics(),
+            "time_to_first_token_ms": round(((seq.first_token or now) - seq.submitted) * 1000, 3),
+            "cached_prompt_tokens": seq.cached_tokens,
+            "batch_size": seq.batch_peak,
+        }
+        return [*events, Event(seq.tag, "done", (result, metrics))]
+
+    def _finish_cache(self, seq: _Sequence, response: Any) -> None:
+        """Keep the finished sequence's KV cache for later prompts that share its prefix."""
+        if self._cache_bytes <= 0:
+            return
+        cache, tokens = response.prompt_cache, response.all_tokens
+        if cache is None:  # cut by a stop sequence while still in the batch: nothing to keep
+            return
+        self.prompt_cache.insert_cache(_MODEL_KEY, list(tokens), cache)
+        self.prompt_cache.trim_to(n_bytes=self._cache_bytes)

@@ -1,0 +1,396 @@
+"""Continuous batching: many chat and completion jobs of one model in one mlx-lm BatchGenerator.
+
+Correctness first: under greedy sampling in float32 on the tiny CPU model, every batched job's
+result equals the result of running it alone (``lm.run``), whatever else shares the batch;
+then one job's failure, cancellation or timeout leaves the others untouched; then the whole path
+through a real worker (claims, RQ bookkeeping, records, streams).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import build_worker, worker_settings, write_catalog
+from redis import Redis
+
+from mlx_fusion.client import Client
+from mlx_fusion.errors import InvalidInput, JobCancelled, JobTimeout, ModelCrashed
+from mlx_fusion.jobs.document import Job, parse_job
+from mlx_fusion.jobs.store import JobStore
+from mlx_fusion.registry.catalog import ModelSpec
+from mlx_fusion.registry.multiplex import Request
+from mlx_fusion.registry.process import ModelProcess
+
+LM_KIND = "mlx_fusion.registry.kinds.lm"
+
+
+def _chat(i: int, **extra: Any) -> dict[str, Any]:
+    words = " ".join(f"word{i}" for _ in range(1 + i % 4))
+    return {
+        "id": f"job-{i}",
+        "kind": "chat.completion",
+        "model": "tiny",
+        "input": {
+            "messages": [{"role": "user", "content": f"Hello {words}"}],
+            "max_tokens": 10 + i,
+            "temperature": 0,
+            **extra,
+        },
+    }
+
+
+def _job(document: dict[str, Any]) -> Job:
+    return parse_job(document, max_input_bytes=1 << 20)
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return {**a, "created": 0} == {**b, "created": 0}
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_model_dir: Path) -> Any:
+    from mlx_fusion.registry.kinds import lm
+
+    return lm.load(ModelSpec(id="tiny", kind="lm", path=tiny_model_dir))
+
+
+def _drain(engine: Any) -> dict[int, tuple[str, Any]]:
+    ended: dict[int, tuple[str, Any]] = {}
+    while engine.busy:
+        for event in engine.step():
+            if event.type != "token":
+                ended[event.tag] = (event.type, event.payload)
+    return ended
+
+
+MIXED = [
+    _chat(0),
+    _chat(1),
+    _chat(2, stop=["o"]),
+    _chat(3, logprobs=True, top_logprobs=2),
+    _chat(4, response_format={"type": "json_object"}),
+    _chat(5, repetition_penalty=1.3),
+    _chat(6, seed=7, temperature=0.8),
+    {
+        "id": "job-7",
+        "kind": "completion",
+        "model": "tiny",
+        "input": {"prompt": "The cat", "max_tokens": 9, "temperature": 0},
+    },
+]
+
+
+def _alone(model: Any, document: dict[str, Any]) -> tuple[str, Any]:
+    from mlx_fusion.registry.kinds import lm
+
+    try:
+        return "done", lm.run(model, _job(document))
+    except Exception as e:
+        return "error", e
+
+
+def test_each_batched_job_gets_exactly_its_unbatched_result(tiny_lm: Any) -> None:
+    from mlx_fusion.registry.kinds import lm
+
+    alone = {n: _alone(tiny_lm, d) for n, d in enumerate(MIXED)}
+    engine = lm.BatchEngine(tiny_lm, 32)
+    for n, document in enumerate(MIXED):
+        engine.submit(n, _job(document))
+    ended = _drain(engine)
+    assert sorted(ended) == list(range(len(MIXED)))
+    for n, (kind, payload) in ended.items():
+        assert kind == alone[n][0], (MIXED[n]["id"], payload)
+        if kind == "error":  # the JSON job's noise is cut by max_tokens: the same error
+            assert repr(payload) == repr(alone[n][1])
+            continue
+        assert _same(payload[0], alone[n][1][0]), MIXED[n]["id"]
+        assert payload[1]["completion_tokens"] == alone[n][1][1]["completion_tokens"]
+    batched = [
+        ended[n][1][1].get("batch_size", 1) for n in range(len(MIXED)) if ended[n][0] == "done"
+    ]
+    assert max(batched) >= 6  # the unseeded jobs really shared the batch
+
+
+def test_a_job_joining_a_running_batch_gets_its_unbatched_result(tiny_lm: Any) -> None:
+    from mlx_fusion.registry.kinds import lm
+
+    engine = lm.BatchEngine(tiny_lm, 4)
+    engine.submit(0, _job(_chat(0, max_tokens=30)))
+    for _ in range(5):
+        engine.step()
+    engine.submit(1, _job(_chat(1)))
+    ended = _drain(engine)
+    assert _same(ended[1][1][0], lm.run(tiny_lm, _job(_chat(1)))[0])
+    assert _same(ended[0][1][0], lm.run(tiny_lm, _job(_chat(0, max_tokens=30)))[0])
+
+
+def test_a_refused_or_cancelled_job_leaves_the_others_untouched(tiny_lm: Any) -> None:
+    from mlx_fusion.registry.kinds import lm
+
+    engine = lm.BatchEngine(tiny_lm, 8)
+    engine.submit(0, _job(_chat(0, max_tokens=40)))
+    engine.submit(1, _job(_chat(1, max_tokens=40)))
+    bad = _chat(
+        2,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {
+                "name": "x",
+                "schema": {"type": "object", "patternProperties": {"a": {}}},
+            },
+        },
+    )
+    with pytest.raises(InvalidInput):
+        engine.submit(2, _job(bad))
+    engine.step()
+    engine.cancel(1)
+    engine.cancel(0, timed_out=False)
+    engine.cancel(0)  # twice: once
+    engine.submit(3, _job(_chat(3)))
+    ended = _drain(engine)
+    assert isinstance(ended[1][1], JobCancelled) and isinstance(ended[0][1], JobCancelled)
+    assert _same(ended[3][1][0], lm.run(tiny_lm, _job(_chat(3)))[0])
+
+
+def test_a_timed_out_job_ends_with_timeout(tiny_lm: Any) -> None:
+    from mlx_fusion.registry.kinds import lm
+
+    engine = lm.BatchEngine(tiny_lm, 8)
+    engine.submit(0, _job(_chat(0, max_tokens=40)))
+    engine.step()
+    engine.cancel(0, timed_out=True)
+    assert isinstance(_drain(engine)[0][1], JobTimeout)
+
+
+def test_streamed_pieces_add_up_to_the_result_and_never_show_a_stop_sequence(tiny_lm: Any) -> None:
+    from mlx_fusion.registry.kinds import lm
+
+    engine = lm.BatchEngine(tiny_lm, 8)
+    document = _chat(1, max_tokens=30, stop=["or"])
+    engine.submit(0, _job(document), stream=True)
+    pieces: list[str] = []
+    result = None
+    while engine.busy:
+        for event in engine.step():
+            if event.type == "token":
+                assert event.payload["produced_at"] <= time.time()
+                pieces.append(event.payload["text"])
+            else:
+                result = event.payload[0]
+    assert result is not None
+    content = result["choices"][0]["message"]["content"]
+    assert "".join(pieces) == content
+    assert _same(result, lm.run(tiny_lm, _job(document))[0])
+
+
+def test_a_shared_prompt_prefix_is_reused_with_the_same_result(tiny_lm: Any) -> None:
+    from mlx_fusion.registry.kinds import lm
+
+    system = {"role": "system", "content": "You are a careful assistant. " * 6}
+
+    def turn(n: int) -> dict[str, Any]:
+        document = _chat(n)
+        document["input"]["messages"].insert(0, system)
+        return document
+
+    engine = lm.BatchEngine(tiny_lm, 8)
+    engine.submit(0, _job(turn(0)))
+    first = _drain(engine)[0][1]
+    engine.submit(1, _job(turn(1)))
+    second = _drain(engine)[0 + 1][1]
+    assert first[1]["cached_prompt_tokens"] == 0
+    assert second[1]["cached_prompt_tokens"] > 40  # the system prompt came from the cache
+    assert _same(second[0], lm.run(tiny_lm, _job(turn(1)))[0])
+    assert 0 < engine.prompt_cache.nbytes <= engine._cache_bytes
+
+
+def test_the_prompt_cache_stays_within_its_byte_bound(tiny_model_dir: Path) -> None:
+    from mlx_fusion.registry.kinds import lm
+
+    one_entry = lm.load(
+        ModelSpec(id="tiny", kind="lm", path=tiny_model_dir, prompt_cache_bytes=40_000)
+    )
+    engine = lm.BatchEngine(one_entry, 8)
+    for n in range(4):
+        engine.submit(n, _job(_chat(n, max_tokens=20)))
+    assert all(kind == "done" for kind, _ in _drain(engine).values())
+    assert engine.prompt_cache.nbytes <= 40_000
+    off = lm.load(ModelSpec(id="tiny", kind="lm", path=tiny_model_dir, prompt_cache_bytes=0))
+    engine = lm.BatchEngine(off, 8)
+    engine.submit(0, _job(_chat(0)))
+    _drain(engine)
+    engine.submit(1, _job(_chat(0)))
+    assert _drain(engine)[1][1][1]["cached_prompt_tokens"] == 0
+    assert len(engine.prompt_cache) == 0
+
+
+# ----- a batching model process -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def batch_process(tiny_model_dir: Path) -> Any:
+    spec = ModelSpec(id="tiny", kind="lm", path=tiny_model_dir)
+    process = ModelProcess(spec, LM_KIND, max_input_bytes=1 << 20, max_batch=8)
+    process.start(120)
+    assert process.batching
+    yield process
+    process.stop(2)
+
+
+def _in_threads(process: ModelProcess, documents: list[dict[str, Any]], **kw: Any) -> list[Any]:
+    out: list[Any] = [None] * len(documents)
+    requests = [Request() for _ in documents]
+
+    def one(n: int) -> None:
+        try:
+            out[n] = process.run(documents[n], kw.get("timeouts", {}).get(n), requests[n])
+        except Exception as e:
+            out[n] = e
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(len(documents))]
+    for thread in threads:
+        thread.start()
+    if "cancel" in kw:
+        time.sleep(0.3)
+        process.cancel(requests[kw["cancel"]])
+    for thread in threads:
+        thread.join(60)
+    return out
+
+
+def test_jobs_sent_from_many_threads_run_together_in_one_model_process(
+    batch_process: Any, tiny_lm: Any
+) -> None:
+    from mlx_fusion.registry.kinds import lm
+
+    documents = [_chat(n) for n in range(6)]
+    results = _in_threads(batch_process, documents)
+    for n, (result, metrics, memory) in enumerate(results):
+        assert _same(result, lm.run(tiny_lm, _job(documents[n]))[0])
+        assert memory.rss_bytes > 0
+    assert max(m["batch_size"] for _, m, _ in results) > 1
+
+
+def test_one_cancelled_or_timed_out_job_ends_alone_and_the_process_lives_on(
+    batch_process: Any, tiny_lm: Any
+) -> None:
+    from mlx_fusion.registry.kinds import lm
+
+    long = {**_chat(0), "input": {**_chat(0)["input"], "max_tokens": 4000, "stop": None}}
+    documents = [long, dict(long, id="job-1"), _chat(2)]
+    results = _in_threads(batch_process, documents, timeouts={1: 0.5}, cancel=0)
+    assert isinstance(results[0], JobCancelled)
+    assert isinstance(results[1], JobTimeout)
+    assert _same(results[2][0], lm.run(tiny_lm, _job(_chat(2)))[0])
+    assert batch_process.alive
+
+
+def test_a_model_process_that_dies_fails_every_job_in_its_batch(tiny_model_dir: Path) -> None:
+    spec = ModelSpec(id="tiny", kind="lm", path=tiny_model_dir)
+    process = ModelProcess(spec, LM_KIND, max_input_bytes=1 << 20, max_batch=4)
+    process.start(120)
+    long = {**_chat(0), "input": {**_chat(0)["input"], "max_tokens": 4000}}
+    killer = threading.Timer(0.5, process.kill)
+    killer.start()
+    results = _in_threads(process, [long, dict(long, id="job-1")])
+    killer.join()
+    assert all(isinstance(r, ModelCrashed) for r in results), results
+    assert not process.alive
+    with pytest.raises(ModelCrashed):
+        process.run(_chat(1))
+
+
+# ----- through a real worker --------------------------------------------------------------------
+
+
+def _worker_run(
+    tmp_path: Path,
+    redis_url: str,
+    redis: Redis,
+    store: JobStore,
+    catalog: Path,
+    documents: list[dict[str, Any]],
+    **settings: Any,
+) -> tuple[Client, Any]:
+    s = worker_settings(redis_url, tmp_path / "data", catalog, **settings)
+    client = Client(s, redis, store)
+    for document in documents:
+        client.submit(document)
+    worker = build_worker(s, redis, store)
+    worker.work(burst=True)
+    return client, worker
+
+
+def test_waiting_jobs_of_one_model_run_as_one_batch_through_the_worker(
+    tmp_path: Path, redis_url: str, redis: Redis, store: JobStore, tiny_model_dir: Path
+) -> None:
+    from rq import Queue
+    from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+
+    catalog = write_catalog(
+        tmp_path / "models.toml", {"tiny": {"kind": "lm", "path": tiny_model_dir}}
+    )
+    bad = _chat(
+        9,
+        tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        tool_choice="required",
+    )
+    documents = [_chat(n, stream=n == 0) for n in range(6)] + [bad]
+    client, worker = _worker_run(
+        tmp_path, redis_url, redis, store, catalog, documents, max_batch_size=8
+    )
+    records = {d["id"]: client.get(d["id"]) for d in documents}
+    serial_store_dir = tmp_path / "serial"
+    assert records[bad["id"]]["status"] == "failed"
+    assert records[bad["id"]]["error"]["code"] == "invalid_input"
+    for document in documents[:-1]:
+        record = records[document["id"]]
+        assert record["status"] == "completed", record
+        assert record["worker"] == worker.name
+    assert max(records[d["id"]]["metrics"].get("batch_size", 1) for d in documents[:-1]) > 1
+    # RQ's bookkeeping: everything finished or failed, nothing left started or queued
+    queue = Queue(
+        worker.queues[1].name if len(worker.queues) > 1 else worker.queues[0].name, connection=redis
+    )
+    for q in worker.queues:
+        assert q.count == 0
+        assert StartedJobRegistry(q.name, connection=redis).count == 0
+    finished = sum(FinishedJobRegistry(q.name, connection=redis).count for q in worker.queues)
+    failed = sum(FailedJobRegistry(q.name, connection=redis).count for q in worker.queues)
+    assert (finished, failed) == (6, 1)
+    del queue, serial_store_dir
+    # the streamed job's chunks add up to its result
+    chunks = list(client.stream(documents[0]["id"], timeout_s=5))
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == records[documents[0]["id"]]["result"]["choices"][0]["message"]["content"]
+    assert (
+        chunks[-1]["choices"][0]["finish_reason"]
+        == records[documents[0]["id"]]["result"]["choices"][0]["finish_reason"]
+    )
+
+
+def test_batched_results_through_the_worker_equal_one_at_a_time(
+    tmp_path: Path, redis_url: str, redis: Redis, store: JobStore, tiny_model_dir: Path
+) -> None:
+    catalog = write_catalog(
+        tmp_path / "models.toml", {"tiny": {"kind": "lm", "path": tiny_model_dir}}
+    )
+    documents = [_chat(n) for n in range(5)]
+    client, _ = _worker_run(
+        tmp_path / "a", redis_url, redis, store, catalog, documents, max_batch_size=8
+    )
+    batched = {d["id"]: client.get(d["id"])["result"] for d in documents}
+    redis.flushdb()
+    other = [dict(d, id=d["id"] + "-serial") for d in documents]
+    client, _ = _worker_run(
+        tmp_path / "b", redis_url, redis, store, catalog, other, max_batch_size=1
+    )
+    for d in documents:
+        serial = client.get(d["id"] + "-serial")
+        assert serial["metrics"].get("batch_size") is None  # really one at a time
+        result = {**serial["result"], "id": batched[d["id"]]["id"]}
+        assert _same(result, batched[d["id"]])
