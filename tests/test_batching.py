@@ -269,7 +269,7 @@ def test_jobs_sent_from_many_threads_run_together_in_one_model_process(
 
     documents = [_chat(n) for n in range(6)]
     results = _in_threads(batch_process, documents)
-    for n, (result, metrics, memory) in enumerate(results):
+    for n, (result, _, memory) in enumerate(results):
         assert _same(result, lm.run(tiny_lm, _job(documents[n]))[0])
         assert memory.rss_bytes > 0
     assert max(m["batch_size"] for _, m, _ in results) > 1
@@ -328,7 +328,6 @@ def _worker_run(
 def test_waiting_jobs_of_one_model_run_as_one_batch_through_the_worker(
     tmp_path: Path, redis_url: str, redis: Redis, store: JobStore, tiny_model_dir: Path
 ) -> None:
-    from rq import Queue
     from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
     catalog = write_catalog(
@@ -339,12 +338,12 @@ def test_waiting_jobs_of_one_model_run_as_one_batch_through_the_worker(
         tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
         tool_choice="required",
     )
-    documents = [_chat(n, stream=n == 0) for n in range(6)] + [bad]
+    # the first job (the leader) runs long enough for the others to be claimed beside it
+    documents = [_chat(0, stream=True, max_tokens=150)] + [_chat(n) for n in range(1, 6)] + [bad]
     client, worker = _worker_run(
         tmp_path, redis_url, redis, store, catalog, documents, max_batch_size=8
     )
     records = {d["id"]: client.get(d["id"]) for d in documents}
-    serial_store_dir = tmp_path / "serial"
     assert records[bad["id"]]["status"] == "failed"
     assert records[bad["id"]]["error"]["code"] == "invalid_input"
     for document in documents[:-1]:
@@ -353,16 +352,12 @@ def test_waiting_jobs_of_one_model_run_as_one_batch_through_the_worker(
         assert record["worker"] == worker.name
     assert max(records[d["id"]]["metrics"].get("batch_size", 1) for d in documents[:-1]) > 1
     # RQ's bookkeeping: everything finished or failed, nothing left started or queued
-    queue = Queue(
-        worker.queues[1].name if len(worker.queues) > 1 else worker.queues[0].name, connection=redis
-    )
     for q in worker.queues:
         assert q.count == 0
         assert StartedJobRegistry(q.name, connection=redis).count == 0
     finished = sum(FinishedJobRegistry(q.name, connection=redis).count for q in worker.queues)
     failed = sum(FailedJobRegistry(q.name, connection=redis).count for q in worker.queues)
     assert (finished, failed) == (6, 1)
-    del queue, serial_store_dir
     # the streamed job's chunks add up to its result
     chunks = list(client.stream(documents[0]["id"], timeout_s=5))
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
@@ -394,3 +389,49 @@ def test_batched_results_through_the_worker_equal_one_at_a_time(
         assert serial["metrics"].get("batch_size") is None  # really one at a time
         result = {**serial["result"], "id": batched[d["id"]]["id"]}
         assert _same(result, batched[d["id"]])
+
+
+def test_waiting_embedding_jobs_share_forward_passes_through_the_worker(
+    tmp_path: Path, redis_url: str, redis: Redis, store: JobStore
+) -> None:
+    from mlx_fusion.registry.kinds.embeddings import minilm_dir
+
+    catalog = write_catalog(
+        tmp_path / "models.toml", {"minilm": {"kind": "embeddings", "path": minilm_dir()}}
+    )
+    texts = [
+        "The cat sits on the mat.",
+        "A feline rests on a rug.",
+        "Stocks fell today.",
+        "Hi",
+        "Paris is in France.",
+    ]
+    documents = [
+        {
+            "id": f"emb-{n}",
+            "kind": "embedding",
+            "model": "minilm",
+            "input": {"input": [text, text.upper()]},
+        }
+        for n, text in enumerate(texts)
+    ]
+    client, _ = _worker_run(
+        tmp_path / "a", redis_url, redis, store, catalog, documents, max_batch_size=8
+    )
+    batched = {d["id"]: client.get(d["id"]) for d in documents}
+    assert all(r["status"] == "completed" for r in batched.values())
+    assert max(r["metrics"]["batch_jobs"] for r in batched.values()) > 1
+    redis.flushdb()
+    serial = [dict(d, id=d["id"] + "-serial") for d in documents]
+    client, _ = _worker_run(
+        tmp_path / "b", redis_url, redis, store, catalog, serial, max_batch_size=1
+    )
+    for d in documents:
+        alone = client.get(d["id"] + "-serial")["result"]
+        together = batched[d["id"]]["result"]
+        assert alone["usage"] == together["usage"]
+        for a, b in zip(alone["data"], together["data"], strict=True):
+            assert a["index"] == b["index"]
+            assert (
+                max(abs(x - y) for x, y in zip(a["embedding"], b["embedding"], strict=True)) < 1e-5
+            )

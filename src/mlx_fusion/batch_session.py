@@ -47,7 +47,7 @@ log = structlog.get_logger(__name__)
 CLAIM_POLL_S = 0.02
 """How often the feeder looks for jobs to claim while the batch has room."""
 
-LOAD_POLL_S = 0.05
+LOAD_POLL_S = 0.01
 """How often the feeder checks whether the leader's model has loaded."""
 
 _BATCHING_KINDS = frozenset({Kind.CHAT_COMPLETION, Kind.COMPLETION, Kind.EMBEDDING})
