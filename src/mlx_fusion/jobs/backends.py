@@ -40,7 +40,7 @@ def connect_store(settings: Settings, *, ensure_indexes: bool = True) -> JobStor
 
         mongomock.gridfs.enable_gridfs_integration()  # type: ignore[no-untyped-call]
         client: Any = mongomock.MongoClient(tz_aware=True)
-        store = _mongo_store(client[settings.mongo_db], settings)
+        store = _mongo_store(client[settings.mongo_db], settings, serialize=True)
     else:
         import pymongo
 
@@ -53,11 +53,12 @@ def connect_store(settings: Settings, *, ensure_indexes: bool = True) -> JobStor
     return store
 
 
-def _mongo_store(database: Any, settings: Settings) -> JobStore:
+def _mongo_store(database: Any, settings: Settings, *, serialize: bool = False) -> JobStore:
     return JobStore(
         database[JOBS_COLLECTION],
         retention=_retention(settings),
         blobs=GridFSBlobs(database),
+        serialize=serialize,
     )
 
 
@@ -70,7 +71,9 @@ def _montydb_store(settings: Settings) -> JobStore:
         raise JobStoreError("montydb is not installed; set FUSION_MONGO_URL") from e
     path = embedded_store_path(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    set_storage(path, storage="sqlite", use_bson=False)
+    # the jobs of a batch write from their own threads: every operation is serialized (the
+    # store's lock) and SQLite connections may be used from any thread
+    set_storage(path, storage="sqlite", use_bson=False, check_same_thread=False)
     client = MontyClient(path)
     return JobStore(
         client[settings.mongo_db][JOBS_COLLECTION],
@@ -79,4 +82,5 @@ def _montydb_store(settings: Settings) -> JobStore:
         store_errors=(monty_errors.MontyError,),
         naive_datetimes=True,
         blobs=FileBlobs(settings.data_dir / "blobs"),
+        serialize=True,
     )

@@ -8,8 +8,10 @@ mongomock (tests) and montydb (the embedded single-host store).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -220,6 +222,7 @@ class JobStore:
         store_errors: tuple[type[BaseException], ...] = (PyMongoError,),
         naive_datetimes: bool = False,
         blobs: BlobStore | None = None,
+        serialize: bool = False,
     ) -> None:
         self.collection = collection
         self.retention = retention
@@ -227,6 +230,11 @@ class JobStore:
         self._errors = store_errors
         self._naive = naive_datetimes
         self.blobs = blobs
+        self._lock: contextlib.AbstractContextManager[Any] = (
+            threading.RLock() if serialize else contextlib.nullcontext()
+        )
+        """Held around every operation for a backend that is not thread-safe (the embedded
+        montydb and mongomock): the jobs of a batch write from their own threads."""
 
     def query_time(self, value: dt.datetime) -> dt.datetime:
         """A datetime as this backend compares it in queries."""
@@ -254,7 +262,8 @@ class JobStore:
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with self._lock:
+                return fn(*args, **kwargs)
         except self._duplicate:
             raise
         except self._errors as e:
