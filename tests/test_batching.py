@@ -115,17 +115,34 @@ def test_each_batched_job_gets_exactly_its_unbatched_result(tiny_lm: Any) -> Non
     assert max(batched) >= 6  # the unseeded jobs really shared the batch
 
 
-def test_a_job_joining_a_running_batch_gets_its_unbatched_result(tiny_lm: Any) -> None:
+@pytest.mark.parametrize(
+    "first",
+    [0, 2, 3, 4, 5],
+    ids=lambda n: str(
+        MIXED[n]["input"].keys() - {"messages", "max_tokens", "temperature"} or "plain"
+    ),
+)
+def test_a_job_running_alone_moves_into_the_batch_with_its_unbatched_result(
+    tiny_lm: Any, first: int
+) -> None:
     from mlx_fusion.registry.kinds import lm
 
+    long_first = {**MIXED[first], "input": {**MIXED[first]["input"], "max_tokens": 30}}
     engine = lm.BatchEngine(tiny_lm, 4)
-    engine.submit(0, _job(_chat(0, max_tokens=30)))
+    engine.submit(0, _job(long_first))  # nothing else runs: generate_step
     for _ in range(5):
         engine.step()
-    engine.submit(1, _job(_chat(1)))
+    assert engine._alone is not None
+    engine.submit(1, _job(_chat(1)))  # the first moves into the batch and goes on
+    assert engine._alone is None
     ended = _drain(engine)
-    assert _same(ended[1][1][0], lm.run(tiny_lm, _job(_chat(1)))[0])
-    assert _same(ended[0][1][0], lm.run(tiny_lm, _job(_chat(0, max_tokens=30)))[0])
+    for tag, document in ((0, long_first), (1, _chat(1))):
+        kind, payload = _alone(tiny_lm, document)
+        assert ended[tag][0] == kind, (tag, ended[tag])
+        if kind == "done":
+            assert _same(ended[tag][1][0], payload[0]), tag
+        else:
+            assert repr(ended[tag][1]) == repr(payload)
 
 
 def test_a_refused_or_cancelled_job_leaves_the_others_untouched(tiny_lm: Any) -> None:

@@ -50,3 +50,45 @@ def test_thrash_benchmark_compares_fifo_with_model_aware_order() -> None:
     assert report["model_aware"]["model_loads"] == 2
     assert report["ratio_model_loads"] == 0.5
     assert report["model_aware"]["makespan_s"] > 0 and report["fifo"]["max_wait_s"] > 0
+
+
+def test_gpu_lm_benchmark_compares_the_worker_with_raw_mlx_lm() -> None:
+    report = run_bench(
+        "gpu_lm.py",
+        *("--shapes", "tiny", "--skip-hf", "--batch", "3", "--repeats", "1"),
+        *("--prompt-tokens", "16", "--new-tokens", "16"),
+        # the worker in this process: the embedded store (montydb) cannot take the batching
+        # worker's threads yet, so its own process would lose jobs
+        *("--store", "mongomock"),
+    )
+    shape = report["shapes"]["tiny"]
+    assert shape["errors"] == {}
+    for side in ("raw_single", "raw_batch", "worker_single", "worker_batch"):
+        assert shape[side]["tokens_per_s"] > 0 and shape[side]["full_length"], side
+        assert shape[side]["ttft"] is None or shape[side]["ttft"]["p50_ms"] >= 0
+    assert shape["raw_batch"]["tokens"] == shape["worker_batch"]["tokens"] == 3 * 16
+    assert shape["worker_batch"]["prompt_tokens"] == [16]
+    assert shape["worker_batch"]["completion_tokens"] == [16]
+    assert shape["every_sequence_full_length"] is True
+
+    def tps(side: str) -> float:
+        return float(shape[side]["tokens_per_s"])
+
+    ratios = shape["ratios"]
+    single = ratios["worker_single_vs_raw_single"]
+    assert single == round(tps("worker_single") / tps("raw_single"), 3)
+    assert ratios["worker_batch_vs_raw_batch"] == round(tps("worker_batch") / tps("raw_batch"), 3)
+    assert ratios["worker_batch_vs_hf_batch"] is None  # --skip-hf
+    assert shape["meets_targets"]["worker_single"] == (single >= 0.95)
+    assert report["targets"]["worker_batch_vs_raw_batch_at_least"] == 0.85
+    assert report["machine"]["mlx"]["mlx"] and report["machine"]["gpu"]
+
+
+def test_stream_benchmark_times_chunks_from_the_model_to_the_reader() -> None:
+    report = run_bench("stream.py", "--jobs", "2", "--tokens", "6")
+    fusion = report["fusion"]
+    assert fusion["jobs"] == 2 and fusion["chunks_per_job"] > 0
+    first = fusion["first_chunk"]
+    assert 0 <= first["p50_ms"] <= first["max_ms"]
+    assert report["baseline"]["p50_ms"] >= 0
+    assert report["meets_target"] == (first["max_ms"] <= report["target"]["first_chunk_ms_at_most"])

@@ -7,6 +7,11 @@ constraints, log-probabilities, stop sequences and token limit. Jobs join the ru
 whenever they arrive and leave it when they finish, fail or are cancelled; nothing one job does
 ends another. A job with a ``seed`` runs alone between steps (MLX's random state is global).
 
+A job that arrives while nothing else runs goes through mlx-lm's ``generate_step``, as a single
+request would: ``BatchGenerator`` with one sequence decodes at about 60% of its speed (measured
+on an H200). When a second job arrives, the first moves into the batch with its KV cache, less
+the token not yet fed, and carries on from where it was.
+
 Prompt prefixes are reused: the KV cache of every finished sequence goes into mlx-lm's
 ``LRUPromptCache`` (bounded in bytes), and a new job starts from the longest cached prefix of
 its prompt (a shared system prompt, the earlier turns of a chat).
@@ -20,7 +25,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from mlx_fusion.errors import FusionError, JobCancelled, JobTimeout
+from mlx_fusion.errors import FusionError, InvalidInput, JobCancelled, JobTimeout
 from mlx_fusion.jobs.document import Job
 from mlx_fusion.registry.engine import Event
 from mlx_fusion.registry.kinds import lm
@@ -46,6 +51,31 @@ def _sampler(temp: float, top_p: float, min_p: float, top_k: int) -> Any:
 
 
 @dataclass
+class _Response:
+    """One token of a sequence running alone, shaped like ``BatchGenerator``'s responses."""
+
+    token: int
+    logprobs: Any
+    finish_reason: str | None
+    uid: int | None = None
+    prompt_cache: Any = None
+    all_tokens: Any = None
+
+
+@dataclass
+class _Alone:
+    """The sequence running by itself on ``generate_step``."""
+
+    seq: Any
+    steps: Any
+    """The ``generate_step`` iterator."""
+    cache: list[Any]
+    """Its KV cache, one token ahead of the last token taken (``generate_step`` feeds it on)."""
+    rest: list[int]
+    """The prompt tokens it was started with (after a cached prefix)."""
+
+
+@dataclass
 class _Sequence:
     tag: int
     job: Job
@@ -62,6 +92,9 @@ class _Sequence:
     logprobs: list[lm.TokenLogprob] = field(default_factory=list)
     batch_peak: int = 0
     uid: int | None = None
+    generated: list[int] = field(default_factory=list)
+    sampler: Any = None
+    processors: list[Any] = field(default_factory=list)
 
     @property
     def stops(self) -> list[str]:
@@ -90,55 +123,74 @@ class LMBatchEngine:
         self._cache_bytes = limit
         self._sequences: dict[int, _Sequence] = {}
         self._by_uid: dict[int, int] = {}
-        self._solo: deque[tuple[int, Job, bool]] = deque()
+        self._seeded: deque[tuple[int, Job, bool]] = deque()
+        self._alone: _Alone | None = None
         self._cancelled: dict[int, bool] = {}
+        self._eos = frozenset(eos)
+        from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
+
+        # a sequence can leave generate_step for the batch only if its cache can drop a token
+        self._may_run_alone = can_trim_prompt_cache(make_prompt_cache(model.model))
 
     # ----- the engine protocol ----------------------------------------------------------------
 
     @property
     def busy(self) -> bool:
         """True while a job has not ended."""
-        return bool(self._sequences or self._solo or self._cancelled)
+        return bool(self._sequences or self._seeded or self._cancelled or self._alone)
 
     def submit(self, tag: int, job: Job, stream: bool = False) -> None:
-        """Plan the job and add it to the batch (a seeded job waits for its turn alone)."""
+        """Plan the job and start it: alone when nothing else runs, else in the batch (a seeded
+        job waits for its turn alone)."""
         if getattr(job.input, "seed", None) is not None:
-            self._solo.append((tag, job, stream))
+            self._seeded.append((tag, job, stream))
             return
         plan = lm.plan_job(self.lm, job)
+        if not plan.prompt:
+            raise InvalidInput("the prompt is empty", field="input.prompt")
         params = plan.params
-        cache, rest = self._cached_prefix(plan.prompt)
         seq = _Sequence(
             tag=tag,
             job=job,
             plan=plan,
             detokenizer=self.lm.tokenizer.detokenizer,
             stream=stream,
-            cached_tokens=len(plan.prompt) - len(rest),
+            cached_tokens=0,
+            sampler=_sampler(params.temperature, params.top_p, params.min_p, params.top_k),
+            processors=self._processors(params) + plan.constraints,
         )
-        processors = self._processors(params) + plan.constraints
-        (uid,) = self._generator.insert(
-            [rest],
-            max_tokens=[plan.max_tokens],
-            caches=[cache],
-            all_tokens=[plan.prompt[: seq.cached_tokens]],
-            samplers=[_sampler(params.temperature, params.top_p, params.min_p, params.top_k)],
-            logits_processors=[processors],
+        alone = (
+            self._may_run_alone and not self._sequences and self._alone is None and not self._seeded
         )
-        seq.uid = uid
-        self._sequences[tag] = seq
-        self._by_uid[uid] = tag
+        # generate_step shows logits processors only the tokens it processes: with a cached
+        # prefix they would not see the whole prompt, as they do alone or in the batch
+        cache, rest = (
+            (None, plan.prompt) if alone and seq.processors else self._cached_prefix(plan.prompt)
+        )
+        seq.cached_tokens = len(plan.prompt) - len(rest)
+        if alone:
+            self._start_alone(seq, cache, rest)
+            return
+        self._to_batch_from_alone()
+        self._insert(seq, [rest], cache, plan.prompt[: seq.cached_tokens], plan.max_tokens)
 
     def cancel(self, tag: int, *, timed_out: bool = False) -> None:
         """End the job at the next step."""
-        if tag in self._sequences or any(t == tag for t, _, _ in self._solo):
+        if (
+            tag in self._sequences
+            or (self._alone is not None and self._alone.seq.tag == tag)
+            or any(t == tag for t, _, _ in self._seeded)
+        ):
             self._cancelled[tag] = timed_out
 
     def step(self) -> list[Event]:
-        """Cancel what was cancelled, then one batch step (or one seeded job, whole)."""
+        """Cancel what was cancelled, then one step: of the sequence running alone, of the
+        batch, or a seeded job, whole."""
         events = self._take_cancelled()
-        if not self._sequences and self._solo:
-            return events + self._run_solo()
+        if self._alone is not None:
+            return events + self._step_alone(self._alone)
+        if not self._sequences and self._seeded:
+            return events + self._run_seeded()
         if not self._sequences:
             return events
         _, responses = self._generator.next()  # type: ignore[no-untyped-call]
@@ -153,6 +205,74 @@ class LMBatchEngine:
         return events
 
     # ----- internals --------------------------------------------------------------------------
+
+    def _insert(
+        self, seq: _Sequence, segments: list[list[int]], cache: Any, done: list[int], limit: int
+    ) -> None:
+        (uid,) = self._generator.insert_segments(
+            [segments],
+            max_tokens=[limit],
+            caches=[cache],
+            all_tokens=[done],
+            samplers=[seq.sampler],
+            logits_processors=[seq.processors],
+        )
+        seq.uid = uid
+        self._sequences[seq.tag] = seq
+        self._by_uid[uid] = seq.tag
+
+    def _start_alone(self, seq: _Sequence, cache: Any, rest: list[int]) -> None:
+        import mlx.core as mx
+        from mlx_lm.generate import generate_step
+        from mlx_lm.models.cache import make_prompt_cache
+
+        cache = cache if cache is not None else make_prompt_cache(self.lm.model)
+        steps = generate_step(
+            mx.array(rest),
+            self.lm.model,
+            max_tokens=seq.plan.max_tokens,
+            sampler=seq.sampler,
+            logits_processors=seq.processors or None,
+            prompt_cache=cache,
+        )
+        seq.batch_peak = 1
+        self._alone = _Alone(seq=seq, steps=steps, cache=cache, rest=rest)
+
+    def _to_batch_from_alone(self) -> None:
+        """Move the sequence running alone into the batch, where it goes on from its last
+        token (its cache less that token, which the batch feeds again)."""
+        alone, self._alone = self._alone, None
+        if alone is None:
+            return
+        seq = alone.seq
+        alone.steps.close()
+        plan = seq.plan
+        if not seq.generated:  # it never ran a step: start it over in the batch
+            done = plan.prompt[: seq.cached_tokens]
+            self._insert(seq, [alone.rest], alone.cache if done else None, done, plan.max_tokens)
+            return
+        from mlx_lm.models.cache import trim_prompt_cache
+
+        trim_prompt_cache(alone.cache, 1)
+        last = seq.generated[-1]
+        done = plan.prompt + seq.generated[:-1]
+        self._insert(seq, [[last]], alone.cache, done, plan.max_tokens - len(seq.generated))
+
+    def _step_alone(self, alone: _Alone) -> list[Event]:
+        seq = alone.seq
+        try:
+            token, logprobs = next(alone.steps)
+        except Exception as e:  # this job's failure only (the batch is empty)
+            self._alone = None
+            return [Event(seq.tag, "error", e)]
+        if token in self._eos:
+            finish: str | None = "stop"
+        elif len(seq.generated) + 1 >= seq.plan.max_tokens:
+            finish = "length"
+        else:
+            finish = None
+        seq.generated.append(int(token))
+        return self._advance(seq, _Response(int(token), logprobs, finish))
 
     def _processors(self, params: Any) -> list[Any]:
         from mlx_lm.sample_utils import make_logits_processors
@@ -186,12 +306,15 @@ class LMBatchEngine:
             if seq is not None and seq.uid is not None:
                 self._generator.remove([seq.uid])  # type: ignore[no-untyped-call]
                 self._by_uid.pop(seq.uid, None)
-            self._solo = deque(s for s in self._solo if s[0] != tag)
+            if self._alone is not None and self._alone.seq.tag == tag:
+                self._alone.steps.close()
+                self._alone = None
+            self._seeded = deque(s for s in self._seeded if s[0] != tag)
             events.append(Event(tag, "error", error))
         return events
 
-    def _run_solo(self) -> list[Event]:
-        tag, job, _ = self._solo.popleft()
+    def _run_seeded(self) -> list[Event]:
+        tag, job, _ = self._seeded.popleft()
         try:
             return [Event(tag, "done", lm.run(self.lm, job))]
         except Exception as e:
@@ -222,7 +345,7 @@ class LMBatchEngine:
                     )
                 seq.text = seq.text[:cut]
                 finish = "stop"
-                if response.finish_reason is None:  # still in the batch: take it out
+                if response.finish_reason is None and response.uid is not None:
                     self._generator.remove([response.uid])  # type: ignore[no-untyped-call]
         events: list[Event] = []
         if seq.stream:
@@ -236,7 +359,8 @@ class LMBatchEngine:
             return events
         self._finish_cache(seq, response)
         self._sequences.pop(seq.tag, None)
-        self._by_uid.pop(response.uid, None)
+        if response.uid is not None:
+            self._by_uid.pop(response.uid, None)
         gen = lm.Generation(
             text=seq.text,
             finish_reason="length" if finish == "length" else "stop",
@@ -263,9 +387,14 @@ class LMBatchEngine:
 
     def _finish_cache(self, seq: _Sequence, response: Any) -> None:
         """Keep the finished sequence's KV cache for later prompts that share its prefix."""
+        cache, tokens = response.prompt_cache, response.all_tokens
+        alone = self._alone
+        if alone is not None and alone.seq is seq:  # its cache holds every token it produced
+            self._alone = None
+            alone.steps.close()
+            cache, tokens = alone.cache, seq.plan.prompt + seq.generated
         if self._cache_bytes <= 0:
             return
-        cache, tokens = response.prompt_cache, response.all_tokens
         if cache is None:  # cut by a stop sequence while still in the batch: nothing to keep
             return
         self.prompt_cache.insert_cache(_MODEL_KEY, list(tokens), cache)
