@@ -446,6 +446,22 @@ def job_figures(records: list[dict[str, Any]], submitted: list[float]) -> dict[s
     }
 
 
+def submit_completions(
+    client: Any, model_id: str, prompts: list[list[int]], max_tokens: int
+) -> tuple[list[float], list[str]]:
+    """Submit one greedy completion job per prompt: (submit times, job ids)."""
+    submitted, ids = [], []
+    for prompt in prompts:
+        document = {
+            "kind": "completion",
+            "model": model_id,
+            "input": {"prompt": prompt_text(prompt), "max_tokens": max_tokens, "temperature": 0},
+        }
+        submitted.append(time.time())
+        ids.append(client.submit(document))
+    return submitted, ids
+
+
 def worker_env(
     url: str, store: str, data_dir: Path, catalog: Path, mongo_db: str = "mlx_fusion"
 ) -> dict[str, str]:
@@ -515,19 +531,7 @@ def worker_side(
         client = Client(settings, redis, store)
 
         def run(prompts: list[list[int]], max_tokens: int, timeout_s: float) -> dict[str, Any]:
-            submitted, ids = [], []
-            for prompt in prompts:
-                document = {
-                    "kind": "completion",
-                    "model": model_id,
-                    "input": {
-                        "prompt": prompt_text(prompt),
-                        "max_tokens": max_tokens,
-                        "temperature": 0,
-                    },
-                }
-                submitted.append(time.time())
-                ids.append(client.submit(document))
+            submitted, ids = submit_completions(client, model_id, prompts, max_tokens)
             pending, deadline = set(ids), time.monotonic() + timeout_s
             while pending:
                 # RQ's status in Redis turns finished or failed after the job's final store

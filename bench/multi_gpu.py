@@ -29,7 +29,14 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from gpu_lm import build_model, eos_id, job_figures, machine, prompt_text, worker_env  # noqa: E402
+from gpu_lm import (  # noqa: E402
+    build_model,
+    eos_id,
+    job_figures,
+    machine,
+    submit_completions,
+    worker_env,
+)
 from overhead import start_redis  # noqa: E402
 from redis import Redis  # noqa: E402
 
@@ -81,19 +88,7 @@ def side(
     )
 
     def run(prompts: list[list[int]], max_tokens: int) -> list[dict[str, Any]]:
-        submitted, ids = [], []
-        for prompt in prompts:
-            document = {
-                "kind": "completion",
-                "model": "bench",
-                "input": {
-                    "prompt": prompt_text(prompt),
-                    "max_tokens": max_tokens,
-                    "temperature": 0,
-                },
-            }
-            submitted.append(time.time())
-            ids.append(client.submit(document))
+        submitted, ids = submit_completions(client, "bench", prompts, max_tokens)
         deadline = time.monotonic() + args.timeout_s
         records: list[dict[str, Any]] = []
         while True:

@@ -219,19 +219,21 @@ class BatchSession:
                 job._result = value
                 self._succeeded(job, execution)
 
+    def _result_fields(self, job: Job, execution: Execution) -> dict[str, Any]:
+        """What RQ records of the execution with a job's result (success or failure)."""
+        return {
+            "worker_name": self.worker.name,
+            "execution_id": execution.id,
+            "execution_started_at": execution.created_at,
+            "execution_ended_at": job.ended_at,
+        }
+
     def _succeeded(self, job: Job, execution: Execution) -> None:
         worker = self.worker
         result_ttl = job.get_result_ttl(worker.default_result_ttl)
         with worker.connection.pipeline() as pipe:
             worker.increment_successful_job_count(pipeline=pipe)
-            job._handle_success(
-                result_ttl,
-                pipeline=pipe,
-                worker_name=worker.name,
-                execution_id=execution.id,
-                execution_started_at=execution.created_at,
-                execution_ended_at=job.ended_at,
-            )
+            job._handle_success(result_ttl, pipeline=pipe, **self._result_fields(job, execution))
             job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
             execution.delete(job=job, pipeline=pipe)
             pipe.execute()
@@ -241,13 +243,6 @@ class BatchSession:
         with worker.connection.pipeline() as pipe:
             job.set_status(JobStatus.FAILED, pipeline=pipe)
             execution.delete(job=job, pipeline=pipe)
-            job._handle_failure(
-                exc_string,
-                pipeline=pipe,
-                worker_name=worker.name,
-                execution_id=execution.id,
-                execution_started_at=execution.created_at,
-                execution_ended_at=job.ended_at,
-            )
+            job._handle_failure(exc_string, pipeline=pipe, **self._result_fields(job, execution))
             worker.increment_failed_job_count(pipe)
             pipe.execute()
