@@ -452,3 +452,12 @@ def test_waiting_embedding_jobs_share_forward_passes_through_the_worker(
             assert (
                 max(abs(x - y) for x, y in zip(a["embedding"], b["embedding"], strict=True)) < 1e-5
             )
+
+
+def test_a_cancel_that_comes_before_the_job_is_sent_still_ends_it(batch_process: Any) -> None:
+    request = Request()
+    batch_process.cancel(request)  # the runner attached the lease; the job is not sent yet
+    long = {**_chat(0), "input": {**_chat(0)["input"], "max_tokens": 4000}}
+    with pytest.raises(JobCancelled):
+        batch_process.run(long, 60, request)
+    assert batch_process.alive

@@ -48,6 +48,8 @@ class Request:
     on_token: TokenCallback | None = None
     tag: int | None = None
     done: bool = False
+    cancelled: bool = False
+    """Set by a cancel that came before the job was sent (it is passed on once sent)."""
 
 
 # ----- the child's side ------------------------------------------------------------------------

@@ -416,6 +416,8 @@ class ModelProcess:
             raise ModelCrashed(f"model {self.spec.id!r}: model process is not running")
         slot = mux.submit(job_document, _log_context(), request)
         assert request.tag is not None
+        if request.cancelled:  # cancelled while it was being sent
+            mux.cancel(request.tag, timed_out=False)
         try:
             if not slot.event.wait(timeout_s):
                 mux.cancel(request.tag, timed_out=True)
@@ -441,8 +443,10 @@ class ModelProcess:
     def cancel(self, request: Request | None = None) -> None:
         """The job in flight (``request``'s, in a batching process) stops at its next check."""
         if self._mux is not None:
-            if request is not None and request.tag is not None and not request.done:
-                self._mux.cancel(request.tag, timed_out=False)
+            if request is not None:
+                request.cancelled = True
+                if request.tag is not None and not request.done:
+                    self._mux.cancel(request.tag, timed_out=False)
             return
         if self._cancel is not None:
             self._cancel.set()
