@@ -96,7 +96,9 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def redis(redis_url: str) -> Iterator[Redis]:
-    client = Redis.from_url(redis_url)
+    # redis-py's 5 s default socket timeout is too short on a loaded 2-core CI machine running
+    # two test processes: a worker built on this client quits at the first timeout
+    client = Redis.from_url(redis_url, socket_timeout=60)
     client.flushdb()
     yield client
     client.flushdb()
