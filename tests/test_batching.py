@@ -460,3 +460,25 @@ def test_a_cancel_that_comes_before_the_job_is_sent_still_ends_it(batch_process:
     with pytest.raises(JobCancelled):
         batch_process.run(long, 60, request)
     assert batch_process.alive
+
+
+@pytest.mark.parametrize(
+    "document",
+    [{"kind": [], "model": "tiny"}, {"kind": "chat.completion", "model": ["tiny"]}, [], None],
+)
+def test_a_document_of_any_shape_opens_no_batch_and_raises_nothing(
+    tmp_path: Path,
+    redis_url: str,
+    redis: Redis,
+    store: JobStore,
+    tiny_model_dir: Path,
+    document: Any,
+) -> None:
+    from mlx_fusion.batch_session import BatchSession
+
+    catalog = write_catalog(
+        tmp_path / "models.toml", {"tiny": {"kind": "lm", "path": tiny_model_dir}}
+    )
+    worker = build_worker(worker_settings(redis_url, tmp_path / "data", catalog), redis, store)
+    with BatchSession.open(worker, document) as session:
+        assert session is None

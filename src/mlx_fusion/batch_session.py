@@ -72,7 +72,11 @@ class BatchSession:
     def open(cls, worker: FusionWorker, document: Any) -> Iterator[BatchSession | None]:
         """A session for the leader ``document`` while the block runs (None when its model does
         not batch); on exit, waits for every companion to finish."""
-        model, limit = cls._batching(worker, document)
+        try:
+            model, limit = cls._batching(worker, document)
+        except Exception as e:  # never let a job's document stop the worker
+            log.warning("batch_check_failed", error=f"{type(e).__name__}: {e}")
+            model, limit = None, 1
         if model is None or limit <= 1:
             yield None
             return
@@ -91,7 +95,10 @@ class BatchSession:
         if not isinstance(document, Mapping):
             return None, 1
         name, kind = document.get("model"), document.get("kind")
-        if not isinstance(name, str) or kind not in {k.value for k in _BATCHING_KINDS}:
+        # a producer may send anything: only a text kind and a text model name can batch
+        if not isinstance(name, str) or not isinstance(kind, str):
+            return None, 1
+        if kind not in {k.value for k in _BATCHING_KINDS}:
             return None, 1
         registry = worker.runner.registry
         try:
