@@ -96,9 +96,9 @@ class _Sequence:
     sampler: Any = None
     processors: list[Any] = field(default_factory=list)
 
-    @property
-    def stops(self) -> list[str]:
-        return self.plan.params.stop_sequences()
+    stops: list[str] = field(default_factory=list)
+    """The job's stop sequences, read once (checked after every token)."""
+    longest_stop: int = 0
 
 
 class LMBatchEngine:
@@ -158,7 +158,9 @@ class LMBatchEngine:
             cached_tokens=0,
             sampler=_sampler(params.temperature, params.top_p, params.min_p, params.top_k),
             processors=self._processors(params) + plan.constraints,
+            stops=params.stop_sequences(),
         )
+        seq.longest_stop = max((len(stop) for stop in seq.stops), default=0)
         alone = (
             self._may_run_alone and not self._sequences and self._alone is None and not self._seeded
         )
@@ -332,7 +334,7 @@ class LMBatchEngine:
             seq.detokenizer.add_token(int(response.token))
         if finish is not None:
             seq.detokenizer.finalize()
-        longest = max((len(s) for s in seq.stops), default=0)
+        longest = seq.longest_stop
         search_from = max(0, len(seq.text) - longest)
         seq.text += seq.detokenizer.last_segment
         stopped_by = None
