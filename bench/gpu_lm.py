@@ -11,21 +11,31 @@ generated id decodes. The EOS token's output row is zero, so greedy decoding nev
 side checks that each sequence got exactly ``--new-tokens`` tokens and reports it. Prompts are
 distinct random token sequences, the same on every side. Then:
 
-- **raw_single**: ``mlx_lm.stream_generate``, one prompt at a time (the median of ``--repeats``);
+- **raw_single**: ``mlx_lm.stream_generate``, one prompt at a time;
 - **raw_batch**: ``mlx_lm``'s ``BatchGenerator`` with ``--batch`` sequences inserted at once:
-  generated tokens / (insert -> last token), and each sequence's time to first token;
+  generated tokens / (insert -> last token), and each sequence's time to first token (the
+  baseline of the target: ``BatchGenerator`` as mlx-lm ships it, prefilling 8 prompts a pass);
+- **raw_batch_prefill_all**: the same with every prompt prefilled in one pass
+  (``prefill_batch_size = --batch``), as the worker's batch engine does: a stricter baseline;
 - **hf_single**, **hf_batch**: ``LlamaForCausalLM.generate`` (greedy,
   ``min_new_tokens = max_new_tokens``) at batch 1 and ``--batch``;
-- **worker_single**, **worker_batch**: completion jobs submitted with ``mlx_fusion.client.Client``
-  to a real ``mlx-fusion worker`` process (its own redis-server; the embedded job store) whose
-  catalog has the model: one job at a time, then ``--batch`` jobs at once. tok/s = completion
-  tokens / (first submit -> last job finished); per job, time to first token when the worker's
-  metrics carry it.
+- **worker_single**, **worker_batch**: completion jobs submitted with
+  ``mlx_fusion.client.Client.submit_many`` to a real ``mlx-fusion worker`` (its own
+  redis-server; the embedded job store, or with ``--store mongomock`` a worker in this process)
+  whose catalog has the model: one job at a time, then ``--batch`` jobs at once. tok/s =
+  completion tokens / (submit -> last job finished); per job, time to first token when the
+  worker's metrics carry it.
 
-Each side warms up first (one full single run, and a batch of 8-token runs). The MLX and torch
-sides run in child processes of this script, so no side holds another's GPU memory. Prints one
-JSON object: each side's figures, the ratios, the targets (worker single >= 0.95x raw single,
-worker batch >= 0.85x raw ``BatchGenerator``) and the machine.
+Every single and batch figure is the median of ``--repeats`` runs, each with its own prompts
+(every run's tok/s is kept beside it). Raw mlx-lm and the worker run side by side: raw mlx-lm
+stays loaded in a child process of this script while the worker has the model too, and each
+prompt or batch goes to one, then the other. On an H200 the speed of the same batch run drifted
+by a third within a minute (faster as the process warmed), so runs far apart in time do not
+compare. Each side first warms up with one full single run and one full batch (raw mlx-lm: one
+of each prefill size). Transformers runs before them, in a child process of its own, alone on
+the GPU (one full single run and a batch of 8-token runs to warm up). Prints one JSON object:
+each side's figures, the ratios, the targets (worker single >= 0.95x raw single, worker batch
+>= 0.85x raw ``BatchGenerator``) and the machine.
 """
 
 from __future__ import annotations
@@ -186,7 +196,8 @@ def build_model(shape: str, out_dir: Path) -> dict[str, Any]:
 
 def prompt_pool(shape: str, args: argparse.Namespace) -> dict[str, list[list[int]]]:
     """Distinct random prompts, the same on every side: ``warm`` and ``single`` (one per
-    repeat) for the single runs, ``warm_batch`` and ``batch`` for the batches."""
+    repeat) for the single runs, ``warm_batch`` and ``batches`` (one batch per repeat) for the
+    batches."""
     rng = random.Random(1234)
     top = eos_id(shape) - 1
 
@@ -197,7 +208,7 @@ def prompt_pool(shape: str, args: argparse.Namespace) -> dict[str, list[list[int
         "warm": draw(1),
         "single": draw(args.repeats),
         "warm_batch": draw(args.batch),
-        "batch": draw(args.batch),
+        "batches": [draw(args.batch) for _ in range(args.repeats)],
     }
 
 
@@ -237,16 +248,17 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 # -- raw mlx-lm (child process) -----------------------------------------------------------------
 
 
-def mlx_side(shape: str, model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+def mlx_serve(shape: str, model_dir: Path) -> None:
+    """Load the model, then run what each stdin line asks (JSON: ``single`` or ``batch``) and
+    print each result as a ``RESULT_PREFIX`` line, until ``quit`` or the end of stdin."""
     import mlx.core as mx
     import mlx_lm
     from mlx_lm.generate import BatchGenerator
 
     model, tokenizer = mlx_lm.load(str(model_dir))[:2]
-    pool = prompt_pool(shape, args)
     eos = eos_id(shape)
-    encoded = tokenizer.encode(prompt_text(pool["single"][0]))
-    if list(encoded) != pool["single"][0]:
+    probe = [eos - 1, 0, 5]
+    if list(tokenizer.encode(prompt_text(probe))) != probe:
         raise RuntimeError("the prompt text does not tokenize to its tokens")
 
     def single(prompt: list[int], max_tokens: int) -> dict[str, Any]:
@@ -267,9 +279,15 @@ def mlx_side(shape: str, model_dir: Path, args: argparse.Namespace) -> dict[str,
             "full_length": tokens == max_tokens,
         }
 
-    def batch(prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+    def batch(
+        prompts: list[list[int]], max_tokens: int, prefill: int | None = None
+    ) -> dict[str, Any]:
         gen = BatchGenerator(
-            model, max_tokens=max_tokens, stop_tokens=[[eos]], completion_batch_size=len(prompts)
+            model,
+            max_tokens=max_tokens,
+            stop_tokens=[[eos]],
+            completion_batch_size=len(prompts),
+            **({"prefill_batch_size": prefill} if prefill else {}),
         )
         began = time.perf_counter()
         uids = gen.insert(prompts, [max_tokens] * len(prompts))
@@ -300,23 +318,121 @@ def mlx_side(shape: str, model_dir: Path, args: argparse.Namespace) -> dict[str,
             "completion_batch_size": gen.completion_batch_size,
         }
 
-    single(pool["warm"][0], args.new_tokens)
-    singles = [single(p, args.new_tokens) for p in pool["single"]]
-    batch(pool["warm_batch"], WARMUP_TOKENS)
-    batched = batch(pool["batch"], args.new_tokens)
-    plain = (int, float, str)
-    info = {str(k): v if isinstance(v, plain) else str(v) for k, v in mx.device_info().items()}
-    return {
-        "raw_single": {"what": "mlx_lm.stream_generate, one prompt", **median_run(singles)},
-        "raw_batch": {"what": "mlx_lm BatchGenerator, all prompts inserted at once", **batched},
-        "mlx": {
+    def info() -> dict[str, Any]:
+        plain = (int, float, str)
+        device = {
+            str(k): v if isinstance(v, plain) else str(v) for k, v in mx.device_info().items()
+        }
+        return {
             "mlx": mx.__version__,
             "mlx_lm": mlx_lm.__version__,
             "device": str(mx.default_device()),
-            "device_info": info,
+            "device_info": device,
             "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 2),
-        },
+        }
+
+    print(RESULT_PREFIX + json.dumps({"loaded": True}), flush=True)
+    for line in sys.stdin:
+        op = json.loads(line)
+        if op["op"] == "single":
+            result = single(op["prompt"], op["max_tokens"])
+        elif op["op"] == "batch":
+            result = batch(op["prompts"], op["max_tokens"], op.get("prefill"))
+        elif op["op"] == "info":
+            result = info()
+        else:
+            return
+        print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+class RawMLX:
+    """Raw mlx-lm in a child process of this script (``mlx_serve``), loaded once and driven one
+    run at a time, so its runs interleave with the worker's: a GPU's speed drifted by a third
+    within a minute on the same process, which runs side by side in time cancel out."""
+
+    def __init__(self, shape: str, work_dir: Path, args: argparse.Namespace) -> None:
+        command = [*child_command("mlx", shape, work_dir, args)]
+        self.proc = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        # a child that hangs is killed: every read below then ends
+        self._watchdog = threading.Timer(args.child_timeout_s, self.proc.kill)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+        self._read()
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(RESULT_PREFIX):
+                result: dict[str, Any] = json.loads(line[len(RESULT_PREFIX) :])
+                return result
+        raise RuntimeError(f"the raw mlx-lm child exited ({self.proc.wait()})")
+
+    def call(self, op: str, **kwargs: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"op": op, **kwargs}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def single(self, prompt: list[int], max_tokens: int) -> dict[str, Any]:
+        return self.call("single", prompt=prompt, max_tokens=max_tokens)
+
+    def batch(
+        self, prompts: list[list[int]], max_tokens: int, prefill: int | None = None
+    ) -> dict[str, Any]:
+        return self.call("batch", prompts=prompts, max_tokens=max_tokens, prefill=prefill)
+
+    def close(self) -> None:
+        self._watchdog.cancel()
+        try:
+            if self.proc.poll() is None and self.proc.stdin is not None:
+                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.proc.stdin.close()
+        except OSError:
+            pass
+        stop_process(self.proc, 30)
+
+
+def interleaved(
+    shape: str,
+    raw: RawMLX,
+    worker: Callable[[list[list[int]], int], dict[str, Any]] | None,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Every raw and worker run, side by side in time: each single prompt and each batch goes to
+    raw mlx-lm and then to the worker (``worker(prompts, max_tokens)``, when there is one);
+    full-length warm-up runs first, on each side."""
+    pool = prompt_pool(shape, args)
+    tokens = args.new_tokens
+    raw.single(pool["warm"][0], tokens)
+    raw.batch(pool["warm_batch"], tokens)
+    raw.batch(pool["warm_batch"], tokens, prefill=args.batch)
+    if worker is not None:
+        worker(pool["warm"], tokens)  # loads the model
+        worker(pool["warm_batch"], tokens)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for prompt in pool["single"]:
+        runs.setdefault("raw_single", []).append(raw.single(prompt, tokens))
+        if worker is not None:
+            runs.setdefault("worker_single", []).append(worker([prompt], tokens))
+    for prompts in pool["batches"]:
+        runs.setdefault("raw_batch", []).append(raw.batch(prompts, tokens))
+        runs.setdefault("raw_batch_prefill_all", []).append(
+            raw.batch(prompts, tokens, prefill=args.batch)
+        )
+        if worker is not None:
+            runs.setdefault("worker_batch", []).append(worker(prompts, tokens))
+    what = {
+        "raw_single": "mlx_lm.stream_generate, one prompt",
+        "raw_batch": "mlx_lm BatchGenerator, all prompts inserted at once",
+        "raw_batch_prefill_all": "the same with prefill_batch_size = --batch (one prefill pass)",
+        "worker_single": "Client.submit_many -> mlx-fusion worker, one job",
+        "worker_batch": f"Client.submit_many -> mlx-fusion worker, {args.batch} jobs at once",
     }
+    sides = {name: {"what": what[name], **median_run(r)} for name, r in runs.items()}
+    sides["mlx"] = raw.call("info")
+    return sides
 
 
 # -- Hugging Face transformers (child process) ---------------------------------------------------
@@ -374,7 +490,7 @@ def hf_side(shape: str, args: argparse.Namespace) -> dict[str, Any]:
     generate(pool["warm"], args.new_tokens)
     singles = [generate([p], args.new_tokens) for p in pool["single"]]
     generate(pool["warm_batch"], WARMUP_TOKENS)
-    batched = generate(pool["batch"], args.new_tokens)
+    batched = median_run([generate(b, args.new_tokens) for b in pool["batches"]])
     return {
         "hf_single": {"what": "transformers generate, batch 1", **median_run(singles)},
         "hf_batch": {"what": f"transformers generate, batch {args.batch}", **batched},
@@ -449,17 +565,19 @@ def job_figures(records: list[dict[str, Any]], submitted: list[float]) -> dict[s
 def submit_completions(
     client: Any, model_id: str, prompts: list[list[int]], max_tokens: int
 ) -> tuple[list[float], list[str]]:
-    """Submit one greedy completion job per prompt: (submit times, job ids)."""
-    submitted, ids = [], []
-    for prompt in prompts:
-        document = {
+    """Submit one greedy completion job per prompt, all in one ``Client.submit_many`` (a
+    Tier-2 fan-out): (submit times, job ids)."""
+    documents = [
+        {
             "kind": "completion",
             "model": model_id,
             "input": {"prompt": prompt_text(prompt), "max_tokens": max_tokens, "temperature": 0},
         }
-        submitted.append(time.time())
-        ids.append(client.submit(document))
-    return submitted, ids
+        for prompt in prompts
+    ]
+    began = time.time()
+    ids = client.submit_many(documents)
+    return [began] * len(ids), ids
 
 
 def worker_env(
@@ -486,11 +604,12 @@ def worker_env(
 
 
 def worker_side(
-    shape: str, model_dir: Path, work_dir: Path, args: argparse.Namespace
+    shape: str, model_dir: Path, work_dir: Path, args: argparse.Namespace, raw: RawMLX
 ) -> dict[str, Any]:
-    """The worker's figures: a ``mlx-fusion worker`` process (embedded job store or
-    ``--store mongodb://...``), or for ``--store mongomock`` a ``FusionWorker`` in this process's
-    main thread (mongomock is one process's) while another thread submits."""
+    """The raw and worker figures, measured side by side (``interleaved``). The worker: a
+    ``mlx-fusion worker`` process (embedded job store or ``--store mongodb://...``), or for
+    ``--store mongomock`` a ``FusionWorker`` in this process's main thread (mongomock is one
+    process's) while another thread submits."""
     from overhead import start_redis
     from redis import Redis
 
@@ -553,18 +672,9 @@ def worker_side(
             return figures
 
         def stages() -> None:
-            pool = prompt_pool(shape, args)
-            run(pool["warm"], args.new_tokens, args.job_timeout_s + 600)  # loads the model
-            singles = [run([p], args.new_tokens, args.job_timeout_s) for p in pool["single"]]
-            sides["worker_single"] = {
-                "what": "Client.submit -> mlx-fusion worker, one job",
-                **median_run(singles),
-            }
-            run(pool["warm_batch"], WARMUP_TOKENS, args.job_timeout_s)
-            sides["worker_batch"] = {
-                "what": f"Client.submit -> mlx-fusion worker, {args.batch} jobs at once",
-                **run(pool["batch"], args.new_tokens, args.job_timeout_s),
-            }
+            sides.update(
+                interleaved(shape, raw, lambda p, n: run(p, n, args.job_timeout_s + 600), args)
+            )
 
         if in_process:
             run_in_process(settings, store, Redis.from_url(url), catalog, stages)
@@ -641,9 +751,9 @@ def stop_process(proc: subprocess.Popen[bytes], grace_s: float) -> None:
 # -- orchestration ------------------------------------------------------------------------------
 
 
-def child(part: str, shape: str, work_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Run ``part`` of ``shape`` in a child process of this script; its result."""
-    command = [
+def child_command(part: str, shape: str, work_dir: Path, args: argparse.Namespace) -> list[str]:
+    """The command line of this script running ``part`` of ``shape`` as a child."""
+    return [
         sys.executable,
         str(Path(__file__).resolve()),
         "--child",
@@ -661,8 +771,16 @@ def child(part: str, shape: str, work_dir: Path, args: argparse.Namespace) -> di
         "--repeats",
         str(args.repeats),
     ]
+
+
+def child(part: str, shape: str, work_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``part`` of ``shape`` in a child process of this script; its result."""
     done = subprocess.run(
-        command, stdout=subprocess.PIPE, text=True, timeout=args.child_timeout_s, check=False
+        child_command(part, shape, work_dir, args),
+        stdout=subprocess.PIPE,
+        text=True,
+        timeout=args.child_timeout_s,
+        check=False,
     )
     for line in reversed(done.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
@@ -677,7 +795,8 @@ def run_child(args: argparse.Namespace) -> None:
     if args.child == "build":
         result = build_model(shape, model_dir)
     elif args.child == "mlx":
-        result = mlx_side(shape, model_dir, args)
+        mlx_serve(shape, model_dir)
+        return
     else:
         result = hf_side(shape, args)
     print(RESULT_PREFIX + json.dumps(result), flush=True)
@@ -695,27 +814,37 @@ def guarded(
         return {}
 
 
+def mlx_and_worker(shape: str, work_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Raw mlx-lm's figures and, unless ``--skip-worker``, the worker's, run side by side."""
+    raw = RawMLX(shape, work_dir, args)
+    try:
+        if args.skip_worker:
+            return interleaved(shape, raw, None, args)
+        return worker_side(shape, work_dir / shape, work_dir, args, raw)
+    finally:
+        raw.close()
+
+
 def bench_shape(shape: str, work_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     errors: dict[str, str] = {}
     print(f"[gpu_lm] {shape}: building", file=sys.stderr, flush=True)
     built = child("build", shape, work_dir, args)
     sides: dict[str, Any] = {}
-    print(f"[gpu_lm] {shape}: raw mlx-lm", file=sys.stderr, flush=True)
-    sides.update(guarded("mlx", errors, lambda: child("mlx", shape, work_dir, args)))
-    if not args.skip_hf:
+    if not args.skip_hf:  # first, alone on the GPU
         print(f"[gpu_lm] {shape}: transformers", file=sys.stderr, flush=True)
         sides.update(guarded("hf", errors, lambda: child("hf", shape, work_dir, args)))
-    if not args.skip_worker:
-        print(f"[gpu_lm] {shape}: worker", file=sys.stderr, flush=True)
-        sides.update(
-            guarded("worker", errors, lambda: worker_side(shape, work_dir / shape, work_dir, args))
-        )
-        if "worker_error" in sides:  # what it measured before the error stays
-            errors["worker"] = sides.pop("worker_error")
+    what = "raw mlx-lm" + ("" if args.skip_worker else " and the worker, side by side")
+    print(f"[gpu_lm] {shape}: {what}", file=sys.stderr, flush=True)
+    sides.update(guarded("mlx", errors, lambda: mlx_and_worker(shape, work_dir, args)))
+    if "worker_error" in sides:  # what it measured before the error stays
+        errors["worker"] = sides.pop("worker_error")
     shutil.rmtree(work_dir / shape, ignore_errors=True)  # an 8B model is 16 GB of disk
     ratios = {
         "worker_single_vs_raw_single": ratio(sides.get("worker_single"), sides.get("raw_single")),
         "worker_batch_vs_raw_batch": ratio(sides.get("worker_batch"), sides.get("raw_batch")),
+        "worker_batch_vs_raw_batch_prefill_all": ratio(
+            sides.get("worker_batch"), sides.get("raw_batch_prefill_all")
+        ),
         "worker_batch_vs_hf_batch": ratio(sides.get("worker_batch"), sides.get("hf_batch")),
         "worker_single_vs_hf_single": ratio(sides.get("worker_single"), sides.get("hf_single")),
         "raw_batch_vs_hf_batch": ratio(sides.get("raw_batch"), sides.get("hf_batch")),
@@ -783,7 +912,9 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             "batch": args.batch,
             "repeats": args.repeats,
             "sampling": "greedy (temperature 0)",
-            "warmup": f"one full single run, one batch of {WARMUP_TOKENS}-token runs",
+            "warmup": "one full single run and one full batch per side "
+            f"(transformers: a batch of {WARMUP_TOKENS}-token runs)",
+            "order": "raw mlx-lm and worker runs interleaved, run by run",
         },
         "shapes": results,
         "targets": {
@@ -800,7 +931,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3, help="single-stream runs per side")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per figure (single and batch)")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-worker", action="store_true")
     parser.add_argument("--job-timeout-s", type=float, default=300)

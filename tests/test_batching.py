@@ -133,7 +133,6 @@ def test_a_job_running_alone_moves_into_the_batch_with_its_unbatched_result(
         engine.step()
     assert engine._alone is not None
     engine.submit(1, _job(_chat(1)))  # the first moves into the batch and goes on
-    assert engine._alone is None
     ended = _drain(engine)
     for tag, document in ((0, long_first), (1, _chat(1))):
         kind, payload = _alone(tiny_lm, document)
@@ -201,6 +200,114 @@ def test_streamed_pieces_add_up_to_the_result_and_never_show_a_stop_sequence(tin
     content = result["choices"][0]["message"]["content"]
     assert "".join(pieces) == content
     assert _same(result, lm.run(tiny_lm, _job(document))[0])
+
+
+def _in_batch(engine: Any) -> set[int]:
+    return set(engine._sequences)
+
+
+class _Clock:
+    """The batch engine's clock, moved by the test (``time()`` stays real)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return time.time()
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
+    from mlx_fusion.registry.kinds import lm_batch
+
+    fake = _Clock()
+    monkeypatch.setattr(lm_batch, "time", fake)
+    return fake
+
+
+def test_jobs_arriving_one_after_another_join_the_batch_together_once_arrivals_pause(
+    tiny_lm: Any, clock: _Clock
+) -> None:
+    from mlx_fusion.registry.kinds import lm, lm_batch
+
+    quiet = lm_batch.JOIN_QUIET_S
+    engine = lm.BatchEngine(tiny_lm, 8)
+    engine.submit(0, _job(_chat(0, max_tokens=40)))  # alone
+    for tag in (1, 2, 3):  # arrivals closer than the quiet time: they wait, the first goes on
+        clock.now += quiet / 2
+        engine.submit(tag, _job(_chat(tag)))
+        engine.step()
+        assert engine._alone is not None and _in_batch(engine) == set()
+    clock.now += quiet / 2
+    engine.step()
+    assert _in_batch(engine) == set()
+    clock.now += quiet  # quiet long enough: all of them join, with the first, in one pass
+    engine.step()
+    assert engine._alone is None and _in_batch(engine) == {0, 1, 2, 3}
+    ended = _drain(engine)
+    for tag in (1, 2, 3):
+        assert _same(ended[tag][1][0], lm.run(tiny_lm, _job(_chat(tag)))[0])
+
+
+def test_a_waiting_job_joins_once_it_waited_the_hold_or_fills_the_batch(
+    tiny_lm: Any, clock: _Clock
+) -> None:
+    from mlx_fusion.registry.kinds import lm, lm_batch
+
+    engine = lm.BatchEngine(tiny_lm, 64)
+    engine.submit(0, _job(_chat(0, max_tokens=40)))
+    tag = 1
+    while clock.now - 1000.0 < lm_batch.JOIN_HOLD_S:  # arrivals never pause
+        engine.submit(tag, _job(_chat(tag)))
+        engine.step()
+        assert _in_batch(engine) == set()
+        clock.now += lm_batch.JOIN_QUIET_S / 2
+        tag += 1
+    engine.step()  # the first to wait waited the hold: every waiting job joins
+    assert _in_batch(engine) == set(range(tag))
+    _drain(engine)
+    full = lm.BatchEngine(tiny_lm, 2)
+    full.submit(0, _job(_chat(0, max_tokens=40)))
+    full.submit(1, _job(_chat(1)))  # with the one running, the batch is full: no waiting
+    full.step()
+    assert _in_batch(full) == {0, 1}
+
+
+def test_a_waiting_job_can_be_cancelled_and_the_others_go_on(tiny_lm: Any) -> None:
+    from mlx_fusion.registry.kinds import lm
+
+    engine = lm.BatchEngine(tiny_lm, 8)
+    engine.submit(0, _job(_chat(0, max_tokens=30)))
+    engine.submit(1, _job(_chat(1)))
+    engine.submit(2, _job(_chat(2)))
+    engine.cancel(1)
+    ended = _drain(engine)
+    assert isinstance(ended[1][1], JobCancelled)
+    for tag in (0, 2):
+        document = _chat(tag, max_tokens=30) if tag == 0 else _chat(tag)
+        assert _same(ended[tag][1][0], lm.run(tiny_lm, _job(document))[0])
+
+
+def test_prompts_prefilled_in_small_chunks_give_their_unbatched_results(
+    tiny_lm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlx_fusion.registry.kinds import lm, lm_batch
+
+    monkeypatch.setattr(lm_batch, "PREFILL_TOKENS", 12)
+    monkeypatch.setattr(lm_batch, "_PREFILL_CHUNK_TOKENS", (3, 2048))
+    engine = lm.BatchEngine(tiny_lm, 8)
+    engine._may_run_alone = False  # every job through the batch's prefill
+    documents = {n: _chat(n) for n in range(4)}
+    for n, document in documents.items():
+        engine.submit(n, _job(document))
+    engine.step()
+    assert engine._generator.prefill_step_size == 3  # 12 tokens / 4 prompts
+    ended = _drain(engine)
+    for n, document in documents.items():
+        assert _same(ended[n][1][0], lm.run(tiny_lm, _job(document))[0]), n
 
 
 def test_a_shared_prompt_prefix_is_reused_with_the_same_result(tiny_lm: Any) -> None:
@@ -330,11 +437,14 @@ def _worker_run(
     store: JobStore,
     catalog: Path,
     documents: list[dict[str, Any]],
+    many: bool = False,
     **settings: Any,
 ) -> tuple[Client, Any]:
     s = worker_settings(redis_url, tmp_path / "data", catalog, **settings)
     client = Client(s, redis, store)
-    for document in documents:
+    if many:
+        assert client.submit_many(documents) == [d["id"] for d in documents]
+    for document in documents if not many else ():
         client.submit(document)
     worker = build_worker(s, redis, store)
     worker.work(burst=True)
@@ -392,7 +502,7 @@ def test_batched_results_through_the_worker_equal_one_at_a_time(
     )
     documents = [_chat(n) for n in range(5)]
     client, _ = _worker_run(
-        tmp_path / "a", redis_url, redis, store, catalog, documents, max_batch_size=8
+        tmp_path / "a", redis_url, redis, store, catalog, documents, many=True, max_batch_size=8
     )
     batched = {d["id"]: client.get(d["id"])["result"] for d in documents}
     redis.flushdb()
@@ -482,3 +592,48 @@ def test_a_document_of_any_shape_opens_no_batch_and_raises_nothing(
     worker = build_worker(worker_settings(redis_url, tmp_path / "data", catalog), redis, store)
     with BatchSession.open(worker, document) as session:
         assert session is None
+
+
+# ----- submitting many jobs at once -------------------------------------------------------------
+
+
+def _rq_fields(redis: Redis, job_id: str) -> dict[bytes, bytes]:
+    fields = redis.hgetall(f"rq:job:{job_id}")
+    return {k: v for k, v in fields.items() if k not in {b"created_at", b"enqueued_at", b"data"}}
+
+
+def test_submit_many_enqueues_each_job_as_submit_does(client: Client, redis: Redis) -> None:
+    from rq.job import Job as RQJob
+    from rq.serializers import JSONSerializer
+
+    client.submit(_chat(1))
+    assert client.submit_many([_chat(2), {**_chat(3), "priority": "high"}]) == ["job-2", "job-3"]
+    one, two = _rq_fields(redis, "job-1"), _rq_fields(redis, "job-2")
+    assert one.keys() == two.keys()
+    assert {k: v for k, v in one.items() if k != b"description"} == {
+        k: v for k, v in two.items() if k != b"description"
+    }
+    queued = {q: redis.lrange(f"rq:queue:{q}", 0, -1) for q in ("fusion:default", "fusion:high")}
+    assert queued == {"fusion:default": [b"job-1", b"job-2"], "fusion:high": [b"job-3"]}
+    job = RQJob.fetch("job-2", connection=redis, serializer=JSONSerializer)
+    assert job.args[0]["input"] == _chat(2)["input"] and job.meta == {"model": "tiny"}
+    assert client.get("job-3")["status"] == "queued"
+
+
+def test_submit_many_submits_nothing_when_one_job_is_invalid(client: Client, redis: Redis) -> None:
+    from mlx_fusion.errors import JobValidationError
+
+    bad = {**_chat(2), "kind": "nonsense"}
+    with pytest.raises(JobValidationError):
+        client.submit_many([_chat(1), bad])
+    assert client.get("job-1") is None
+    assert redis.llen("rq:queue:fusion:default") == 0
+
+
+def test_submit_many_returns_the_first_id_for_a_known_idempotency_key(
+    client: Client, redis: Redis
+) -> None:
+    first = client.submit({**_chat(1), "idempotency_key": "k"})
+    again = {**_chat(1), "id": "job-other", "idempotency_key": "k"}
+    assert client.submit_many([again, _chat(2)]) == [first, "job-2"]
+    assert redis.lrange("rq:queue:fusion:default", 0, -1) == [first.encode(), b"job-2"]

@@ -45,20 +45,32 @@ class EnqueueError(FusionError):
 def enqueue_spec(redis: Redis, settings: Settings, spec: JobSpec) -> None:
     """Put a job on its priority's queue as the RQ job ``spec.id`` running ``run_job(document)``
     (the store record is the caller's business)."""
-    queue = Queue(
-        settings.queue_name(spec.priority.value), connection=redis, serializer=JSONSerializer
-    )
-    queue.enqueue_call(
-        func=defaults.JOB_FUNCTION,
-        args=(spec.to_document(),),
-        job_id=spec.id,
-        timeout=settings.effective_timeout_s(spec.timeout_s),
-        result_ttl=settings.result_ttl_s,
-        # RQ keeps a failed job (its document included) a year by default; the record is the truth
-        failure_ttl=int(settings.retention_days * 86400),
-        description=f"{spec.kind} {spec.model} ({spec.request_id})",
-        meta={"model": spec.model},  # read by the workers' model-aware scheduling
-    )
+    enqueue_specs(redis, settings, [spec])
+
+
+def enqueue_specs(redis: Redis, settings: Settings, specs: Iterable[JobSpec]) -> None:
+    """``enqueue_spec`` for several jobs, in one pipeline (one round trip to Redis)."""
+    with redis.pipeline() as pipe:
+        for spec in specs:
+            queue = Queue(
+                settings.queue_name(spec.priority.value),
+                connection=redis,
+                serializer=JSONSerializer,
+            )
+            data = Queue.prepare_data(
+                defaults.JOB_FUNCTION,
+                args=(spec.to_document(),),
+                job_id=spec.id,
+                timeout=settings.effective_timeout_s(spec.timeout_s),
+                result_ttl=settings.result_ttl_s,
+                # RQ keeps a failed job (document included) a year by default; the record is
+                # the truth
+                failure_ttl=int(settings.retention_days * 86400),
+                description=f"{spec.kind} {spec.model} ({spec.request_id})",
+                meta={"model": spec.model},  # read by the workers' model-aware scheduling
+            )
+            queue.enqueue_many([data], pipeline=pipe)
+        pipe.execute()
 
 
 class Client:
@@ -86,6 +98,38 @@ class Client:
             self.store.fail(spec.id, err.to_dict())
             raise err from e
         return job_id
+
+    def submit_many(self, jobs: Iterable[JobSpec | Mapping[str, Any]]) -> list[str]:
+        """``submit`` for many jobs at once (a fan-out): every job is validated before any is
+        stored (one invalid job raises and nothing is submitted), then each is stored as queued
+        and all are enqueued in one round trip to Redis, so workers see them together and can
+        batch them. Returns the ids in order. Should storing one fail, the jobs stored before it
+        are still enqueued, and the error is raised."""
+        raws = [job.to_document() if isinstance(job, JobSpec) else job for job in jobs]
+        specs = [parse_job(raw, max_input_bytes=self.settings.max_input_bytes).spec for raw in raws]
+        ids: list[str] = []
+        new: list[JobSpec] = []
+        try:
+            for spec in specs:
+                job_id, created = self.store.insert(spec)
+                ids.append(job_id)
+                if created:
+                    new.append(spec)
+        finally:  # what was stored is enqueued, even when storing a later job failed
+            self._enqueue_stored(new)
+        return ids
+
+    def _enqueue_stored(self, new: list[JobSpec]) -> None:
+        if not new:
+            return
+        try:
+            enqueue_specs(self.redis, self.settings, new)
+        except RedisError as e:
+            for spec in new:
+                self.store.fail(
+                    spec.id, EnqueueError(f"could not enqueue job {spec.id}: {e}").to_dict()
+                )
+            raise EnqueueError(f"could not enqueue {len(new)} jobs: {e}") from e
 
     def get(self, job_id: str) -> Record | None:
         """The job's document (status, result, error, metrics), or None."""
