@@ -494,6 +494,23 @@ def test_waiting_jobs_of_one_model_run_as_one_batch_through_the_worker(
     )
 
 
+def test_a_batch_stays_open_while_its_leader_runs_and_closes_after_the_maintenance_interval(
+    tmp_path: Path, redis_url: str, redis: Redis, store: JobStore, tiny_model_dir: Path
+) -> None:
+    from mlx_fusion.batch_session import BatchSession
+
+    catalog = write_catalog(
+        tmp_path / "models.toml", {"tiny": {"kind": "lm", "path": tiny_model_dir}}
+    )
+    s = worker_settings(redis_url, tmp_path / "data", catalog, recovery_interval_s=1)
+    session = BatchSession(build_worker(s, redis, store), "tiny", 8)
+    assert session._may_claim()
+    session._started -= 2 * s.maintenance_interval_s("gpu")  # an old session
+    assert session._may_claim()  # its leader still runs: newcomers may join
+    session._leader_running = False
+    assert not session._may_claim()  # let it drain, so the worker's maintenance runs
+
+
 def test_batched_results_through_the_worker_equal_one_at_a_time(
     tmp_path: Path, redis_url: str, redis: Redis, store: JobStore, tiny_model_dir: Path
 ) -> None:

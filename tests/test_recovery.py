@@ -98,6 +98,45 @@ def test_job_of_a_killed_worker_runs_again_on_another(
     assert record["attempts"] == 2 and record["recoveries"] == 1
 
 
+def test_every_job_of_a_batch_whose_worker_was_killed_runs_again(
+    env: dict[str, str], settings_: Settings, shared_store: JobStore, redis: Redis
+) -> None:
+    long = [
+        {
+            "kind": "completion",
+            "model": TINY_MODEL,
+            "input": {"prompt": f"Count to {n}:", "max_tokens": 2000, "temperature": 0},
+        }
+        for n in range(4)
+    ]
+    ids = Client(settings_, redis, shared_store).submit_many(long)
+    doomed = subprocess.Popen(
+        [sys.executable, "-m", "mlx_fusion", "worker"], env=env, stderr=subprocess.DEVNULL
+    )
+    try:  # all four running at once: the leader and its three companions, in one batch
+        wait_for(
+            lambda: all(shared_store.get(i)["status"] == "processing" for i in ids),  # type: ignore[index]
+            120,
+            "the batch to start",
+        )
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait(timeout=10)
+    finally:
+        doomed.kill()
+    queues = settings_.queue_names()
+    wait_for(
+        lambda: not set(ids) & set(running_job_ids(redis, queues)), 30, "the heartbeats to expire"
+    )
+    assert all(shared_store.get(i)["status"] == "processing" for i in ids)  # type: ignore[index]
+
+    build_worker(settings_, redis, shared_store).work(burst=True)
+
+    for job_id in ids:
+        record = shared_store.get(job_id)
+        assert record is not None and record["status"] == "completed", record
+        assert record["attempts"] == 2 and record["recoveries"] == 1, record
+
+
 def dead_worker_job(store: JobStore, job_id: str, **fields: Any) -> str:
     """A job as a worker that died mid-job leaves it: processing in the store, run by nobody."""
     spec = JobSpec.model_validate({"id": job_id, **job(0), **fields})

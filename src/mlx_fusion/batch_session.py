@@ -14,7 +14,9 @@ nothing runs. Each claimed job (a companion) gets an RQ lifecycle of its own, in
 
 Claims follow the scheduler's rules: only from the highest-priority non-empty queue, and none
 once a job of another model has waited ``schedule_max_wait_s`` at its head; a warm shutdown
-stops claims, and so does a session older than the maintenance interval (so maintenance runs).
+stops claims, and so does a session older than the maintenance interval once its leader has
+finished (the worker's maintenance runs between leaders; while a leader runs, claims cost it
+nothing, so a long job does not shut its batch to newcomers).
 This is the only module besides ``worker`` that touches RQ internals.
 """
 
@@ -115,8 +117,10 @@ class BatchSession:
 
     def _may_claim(self) -> bool:
         worker = self.worker
+        if worker._stop_requested:
+            return False
         age = time.monotonic() - self._started
-        return not worker._stop_requested and age < worker.settings.maintenance_interval_s("gpu")
+        return self._leader_running or age < worker.settings.maintenance_interval_s("gpu")
 
     def _feed(self) -> None:
         registry = self.worker.runner.registry

@@ -175,8 +175,8 @@ class LMBatchEngine:
         )
 
     def submit(self, tag: int, job: Job, stream: bool = False) -> None:
-        """Plan the job and start it: alone when nothing else runs, else in the batch (a seeded
-        job waits for its turn alone)."""
+        """Plan the job and start it alone when nothing else runs; else it waits to join the
+        batch with whatever arrives with it (a seeded job waits for its turn alone)."""
         if getattr(job.input, "seed", None) is not None:
             self._seeded.append((tag, job, stream))
             return
