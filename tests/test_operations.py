@@ -353,18 +353,21 @@ def test_healthz_is_ok_while_the_worker_heartbeats(scenario: Scenario) -> None:
 
 def test_every_log_line_of_a_job_carries_its_fields(scenario: Scenario) -> None:
     lines = scenario.log_lines()
+    name_of = {record["id"]: name for name, record in scenario.records.items()}
+    loggers: set[Any] = set()
     for name in ("a1", "b1", "broken", "invalid"):
         job_id = scenario.records[name]["id"]
         at = [i for i, e in enumerate(lines) if e.get("job_id") == job_id]
         assert at, f"no log line for {name}"
-        span = lines[at[0] : at[-1] + 1]
-        for event in span:
+        # every line while the job runs carries a job's fields; jobs of one batch (a1 and a2)
+        # log in turn, each line with its own job's id and request id
+        for event in lines[at[0] : at[-1] + 1]:
             missing = [k for k in JOB_FIELDS if not event.get(k)]
             assert not missing, (name, missing, event)
-            assert event["job_id"] == job_id and event["worker"] == scenario.worker
-        assert {e["request_id"] for e in span} == {f"req-{name}"}
-        loggers = {e.get("logger") for e in span}
-        assert "rq.worker" in loggers  # RQ's own lines go through the same handler
+            assert event["job_id"] in name_of and event["worker"] == scenario.worker
+            assert event["request_id"] == f"req-{name_of[event['job_id']]}", event
+        loggers |= {lines[i].get("logger") for i in at}
+    assert "rq.worker" in loggers  # RQ's own lines go through the same handler
     model_lines = [e for e in lines if e["event"] == "model_job_done"]
     assert len(model_lines) == 4  # a1, a2, b1, a3 ran in model processes
     assert {e["request_id"] for e in model_lines} == {"req-a1", "req-a2", "req-b1", "req-a3"}
