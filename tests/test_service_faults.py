@@ -106,6 +106,38 @@ def test_submit_with_mongodb_unreachable_is_a_clear_error_and_writes_nothing(
     assert redis.keys("rq:job:*") == [] and redis.llen("rq:queue:fusion:default") == 0
 
 
+@pytest.mark.parametrize("many", [False, True], ids=["submit", "submit_many"])
+def test_submit_with_redis_unreachable_is_a_clear_error_and_the_records_fail(
+    tmp_path: Path, store: JobStore, many: bool
+) -> None:
+    from mlx_fusion.client import EnqueueError
+
+    closed = unused_port()  # nothing listens there: connections are refused at once
+    settings = Settings(
+        redis_url=f"redis://127.0.0.1:{closed}/0",
+        mongo_url="mongomock://",
+        data_dir=tmp_path,
+        _env_file=None,  # type: ignore[call-arg]
+    )
+    redis = Redis(host="127.0.0.1", port=closed, socket_connect_timeout=1)
+    client = Client(settings, redis, store)
+    documents = [
+        {"id": f"lost-{n}", "kind": "completion", "model": TINY_MODEL, "input": {"prompt": "hi"}}
+        for n in range(3 if many else 1)
+    ]
+    with pytest.raises(EnqueueError) as info:
+        if many:
+            client.submit_many(documents)
+        else:
+            client.submit(documents[0])
+    assert info.value.code == "enqueue_failed"
+    assert ("3 jobs" if many else "job lost-0") in str(info.value)
+    for document in documents:
+        record = store.get(document["id"])
+        assert record is not None and record["status"] == "failed", record
+        assert record["error"]["code"] == "enqueue_failed"
+
+
 class Outage:
     """A stand-in for a MongoDB collection whose server goes away: while ``down``, every call
     raises what pymongo raises when it cannot reach the server."""

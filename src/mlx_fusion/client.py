@@ -89,14 +89,8 @@ class Client:
         raw = job.to_document() if isinstance(job, JobSpec) else job
         spec = parse_job(raw, max_input_bytes=self.settings.max_input_bytes).spec
         job_id, created = self.store.insert(spec)
-        if not created:
-            return job_id
-        try:
-            enqueue_spec(self.redis, self.settings, spec)
-        except RedisError as e:
-            err = EnqueueError(f"could not enqueue job {spec.id}: {e}")
-            self.store.fail(spec.id, err.to_dict())
-            raise err from e
+        if created:
+            self._enqueue_stored([spec])
         return job_id
 
     def submit_many(self, jobs: Iterable[JobSpec | Mapping[str, Any]]) -> list[str]:
@@ -129,7 +123,8 @@ class Client:
                 self.store.fail(
                     spec.id, EnqueueError(f"could not enqueue job {spec.id}: {e}").to_dict()
                 )
-            raise EnqueueError(f"could not enqueue {len(new)} jobs: {e}") from e
+            what = f"job {new[0].id}" if len(new) == 1 else f"{len(new)} jobs"
+            raise EnqueueError(f"could not enqueue {what}: {e}") from e
 
     def get(self, job_id: str) -> Record | None:
         """The job's document (status, result, error, metrics), or None."""
