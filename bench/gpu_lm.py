@@ -397,32 +397,34 @@ class RawMLX:
 def interleaved(
     shape: str,
     raw: RawMLX,
-    worker: Callable[[list[list[int]], int], dict[str, Any]] | None,
+    worker: Callable[[list[list[int]], int, float], dict[str, Any]] | None,
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     """Every raw and worker run, side by side in time: each single prompt and each batch goes to
-    raw mlx-lm and then to the worker (``worker(prompts, max_tokens)``, when there is one);
-    full-length warm-up runs first, on each side."""
+    raw mlx-lm and then to the worker (``worker(prompts, max_tokens, timeout_s)``, when there
+    is one); full-length warm-up runs first, on each side."""
     pool = prompt_pool(shape, args)
     tokens = args.new_tokens
     raw.single(pool["warm"][0], tokens)
     raw.batch(pool["warm_batch"], tokens)
     raw.batch(pool["warm_batch"], tokens, prefill=args.batch)
     if worker is not None:
-        worker(pool["warm"], tokens)  # loads the model
-        worker(pool["warm_batch"], tokens)
+        worker(pool["warm"], tokens, args.job_timeout_s + 600)  # loads the model
+        worker(pool["warm_batch"], tokens, args.job_timeout_s)
     runs: dict[str, list[dict[str, Any]]] = {}
     for prompt in pool["single"]:
         runs.setdefault("raw_single", []).append(raw.single(prompt, tokens))
         if worker is not None:
-            runs.setdefault("worker_single", []).append(worker([prompt], tokens))
+            runs.setdefault("worker_single", []).append(
+                worker([prompt], tokens, args.job_timeout_s)
+            )
     for prompts in pool["batches"]:
         runs.setdefault("raw_batch", []).append(raw.batch(prompts, tokens))
         runs.setdefault("raw_batch_prefill_all", []).append(
             raw.batch(prompts, tokens, prefill=args.batch)
         )
         if worker is not None:
-            runs.setdefault("worker_batch", []).append(worker(prompts, tokens))
+            runs.setdefault("worker_batch", []).append(worker(prompts, tokens, args.job_timeout_s))
     what = {
         "raw_single": "mlx_lm.stream_generate, one prompt",
         "raw_batch": "mlx_lm BatchGenerator, all prompts inserted at once",
@@ -672,9 +674,7 @@ def worker_side(
             return figures
 
         def stages() -> None:
-            sides.update(
-                interleaved(shape, raw, lambda p, n: run(p, n, args.job_timeout_s + 600), args)
-            )
+            sides.update(interleaved(shape, raw, run, args))
 
         if in_process:
             run_in_process(settings, store, Redis.from_url(url), catalog, stages)
