@@ -444,8 +444,9 @@ def _worker_run(
     client = Client(s, redis, store)
     if many:
         assert client.submit_many(documents) == [d["id"] for d in documents]
-    for document in documents if not many else ():
-        client.submit(document)
+    else:
+        for document in documents:
+            client.submit(document)
     worker = build_worker(s, redis, store)
     worker.work(burst=True)
     return client, worker
